@@ -1,0 +1,156 @@
+"""From a composed config to complete per-table specs: defaults filled, overrides merged.
+
+The config a user writes is partial on purpose (a table without a dim takes the collection's,
+a table's optimizer override names only what differs). Builders, the planner and the
+validator all need the complete picture; it is computed here, once, without torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields, replace
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .schema import (
+    DataType,
+    EmbeddingOptimizerConfig,
+    EmbeddingSnapshot,
+    LargeEmbeddingsConfig,
+    LearningRate,
+    OovPolicy,
+    PoolingMode,
+    TableOptimizerConfig,
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the config path and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One large table with every default applied; `path` is its config path for messages."""
+
+    key: str
+    name: str
+    num_embeddings: Optional[int]  # None: derived from the vocab when the table is built
+    embedding_dim: int
+    feature_names: Tuple[str, ...]
+    data_type: DataType
+    pooling: PoolingMode
+    optimizer: EmbeddingOptimizerConfig
+    pretrained: Optional[EmbeddingSnapshot]  # None: no warm start
+    vocab: Optional[str]
+    oov_policy: OovPolicy
+    oov_buckets: int
+    path: str
+
+
+def to_container(cfg: Any, schema: Optional[Type[Any]] = None) -> Dict[str, Any]:
+    """A plain dict of `cfg` with interpolations resolved and enums kept as members.
+
+    Accepts a DictConfig (typed or not), a dataclass instance or a dict; `schema` types a
+    plain dict. Missing values stay as the string '???' for the validator to report.
+    """
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg) if schema is None else OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    elif schema is not None and OmegaConf.get_type(cfg) is dict:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise ConfigError(f"{key}: cannot be resolved: {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def config_prefix(cfg: Any, default: str) -> str:
+    """The full key of a node inside its root config (e.g. 'embeddings'), else `default`."""
+    if isinstance(cfg, DictConfig) and cfg._get_parent() is not None:
+        key = cfg._get_full_key(None)
+        if key:
+            return str(key)
+    return default
+
+
+def effective_optimizer(
+    collection: EmbeddingOptimizerConfig, override: Optional[TableOptimizerConfig]
+) -> EmbeddingOptimizerConfig:
+    """The collection optimizer with a table's set fields on top (a set schedule replaces all)."""
+    if override is None:
+        return collection
+    changes: Dict[str, Any] = {}
+    for f in fields(TableOptimizerConfig):
+        value = getattr(override, f.name)
+        if f.name == "learning_rate":
+            if value is not None and any(v is not None for v in _schedule_items(value).values()):
+                changes["learning_rate"] = value
+        elif value is not None:
+            changes[f.name] = value
+    return replace(collection, **changes) if changes else collection
+
+
+def _schedule_items(schedule: Any) -> Dict[str, Any]:
+    if isinstance(schedule, Mapping):
+        return dict(schedule)
+    return {f.name: getattr(schedule, f.name) for f in fields(LearningRate)}
+
+
+def table_specs(embeddings: Any, prefix: Optional[str] = None) -> List[TableSpec]:
+    """Complete specs of every table of an embeddings config, in config order.
+
+    Raises ConfigError naming the path when a value is missing or cannot be resolved; the
+    semantic rules live in `validate`, which builders call first.
+    """
+    prefix = prefix or config_prefix(embeddings, "embeddings")
+    if not isinstance(embeddings, DictConfig) or OmegaConf.get_type(embeddings) is dict:
+        embeddings = OmegaConf.merge(OmegaConf.structured(LargeEmbeddingsConfig), embeddings)
+    try:
+        obj: LargeEmbeddingsConfig = OmegaConf.to_object(embeddings)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise ConfigError(f"{prefix}.{key}: {getattr(e, 'msg', e)}") from None
+    specs = []
+    for key, table in obj.tables.items():
+        name = table.name or key
+        pretrained = table.pretrained if table.pretrained.embedding_snapshot_uri else None
+        if pretrained is not None and not pretrained.emb_name:
+            pretrained = replace(pretrained, emb_name=name)
+        specs.append(
+            TableSpec(
+                key=key,
+                name=name,
+                num_embeddings=table.num_embeddings,
+                embedding_dim=table.embedding_dim,
+                feature_names=tuple(table.feature_names) or (name,),
+                data_type=table.data_type,
+                pooling=table.pooling,
+                optimizer=effective_optimizer(obj.optimizer, table.optimizer),
+                pretrained=pretrained,
+                vocab=table.vocab,
+                oov_policy=table.oov_policy,
+                oov_buckets=table.oov_buckets,
+                path=f"{prefix}.tables.{key}",
+            )
+        )
+    return specs
+
+
+def resolve_device_type(device: str) -> str:
+    """'cpu' or 'cuda' for a device string, without importing torch.
+
+    `auto` means CUDA when a GPU is visible: asked of torch if it is already imported,
+    otherwise read from the NVIDIA device nodes and CUDA_VISIBLE_DEVICES.
+    """
+    device = str(device).strip().lower()
+    if device == "auto":
+        if "torch" in sys.modules:
+            return "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and visible.strip() in ("", "-1"):
+            return "cpu"
+        return "cuda" if os.path.exists("/dev/nvidiactl") else "cpu"
+    return device.split(":", 1)[0]
