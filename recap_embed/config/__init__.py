@@ -5,7 +5,8 @@ the search-path plugin imports it, so any Hydra app sees the groups once the pac
 installed.
 """
 
-from .resolve import ConfigError, TableSpec, effective_optimizer, resolve_device_type, table_specs
+from .errors import ConfigError, ConfigValidationError
+from .resolve import TableSpec, effective_optimizer, resolve_device_type, table_specs
 from .schema import (
     CPU_ALGORITHMS,
     CPU_SHARDING_TYPES,
@@ -34,7 +35,7 @@ from .schema import (
     TableShardingConfig,
 )
 from .store import register_configs
-from .validate import ConfigValidationError, validate
+from .validate import validate
 
 register_configs()
 

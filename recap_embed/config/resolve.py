@@ -10,25 +10,23 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .convert import Problems, from_mapping
+from .errors import ConfigError, ConfigValidationError
 from .schema import (
     DataType,
+    EmbeddingBagConfig,
     EmbeddingOptimizerConfig,
     EmbeddingSnapshot,
     LargeEmbeddingsConfig,
-    LearningRate,
     OovPolicy,
     PoolingMode,
     TableOptimizerConfig,
 )
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the config path and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ def to_container(cfg: Any, schema: Optional[Type[Any]] = None) -> Dict[str, Any]
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"{key}: cannot be resolved: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise ConfigError(f"{key}: cannot be resolved: {getattr(e, 'msg', e)}") from None
 
 
 def config_prefix(cfg: Any, default: str) -> str:
@@ -82,41 +80,53 @@ def effective_optimizer(
     """The collection optimizer with a table's set fields on top (a set schedule replaces all)."""
     if override is None:
         return collection
-    changes: Dict[str, Any] = {}
-    for f in fields(TableOptimizerConfig):
-        value = getattr(override, f.name)
-        if f.name == "learning_rate":
-            if value is not None and any(v is not None for v in _schedule_items(value).values()):
-                changes["learning_rate"] = value
-        elif value is not None:
-            changes[f.name] = value
+    changes = {f.name: getattr(override, f.name) for f in fields(TableOptimizerConfig)}
+    changes = {k: v for k, v in changes.items() if v is not None}
     return replace(collection, **changes) if changes else collection
 
 
-def _schedule_items(schedule: Any) -> Dict[str, Any]:
-    if isinstance(schedule, Mapping):
-        return dict(schedule)
-    return {f.name: getattr(schedule, f.name) for f in fields(LearningRate)}
+def parse_embeddings(
+    embeddings: Any, prefix: str, problems: Problems
+) -> Tuple[Dict[str, Any], Optional[EmbeddingOptimizerConfig], Dict[str, EmbeddingBagConfig]]:
+    """(collection values, collection optimizer, {key: typed table}) of an embeddings config.
+
+    Tables are open mappings in a composed config; here each is checked against
+    EmbeddingBagConfig (unknown keys, types, enum names) with its full path.
+    """
+    values = to_container(embeddings, LargeEmbeddingsConfig)
+    optimizer = from_mapping(EmbeddingOptimizerConfig, values.get("optimizer") or {}, f"{prefix}.optimizer", problems)
+    tables: Dict[str, EmbeddingBagConfig] = {}
+    raw_tables = values.get("tables") or {}
+    if not isinstance(raw_tables, dict):
+        problems.append((f"{prefix}.tables", f"{raw_tables!r} is not a mapping of table name to table"))
+        raw_tables = {}
+    for key, raw in raw_tables.items():
+        path = f"{prefix}.tables.{key}"
+        if raw is None:
+            problems.append((path, f"is null; remove a table with ~{path}"))
+            continue
+        table = from_mapping(EmbeddingBagConfig, raw, path, problems)
+        if table is not None:
+            tables[str(key)] = table
+    return values, optimizer, tables
 
 
 def table_specs(embeddings: Any, prefix: Optional[str] = None) -> List[TableSpec]:
     """Complete specs of every table of an embeddings config, in config order.
 
-    Raises ConfigError naming the path when a value is missing or cannot be resolved; the
-    semantic rules live in `validate`, which builders call first.
+    Raises ConfigValidationError naming the path when a field has the wrong key or type;
+    the semantic rules live in `validate`, which builders call first.
     """
     prefix = prefix or config_prefix(embeddings, "embeddings")
-    if not isinstance(embeddings, DictConfig) or OmegaConf.get_type(embeddings) is dict:
-        embeddings = OmegaConf.merge(OmegaConf.structured(LargeEmbeddingsConfig), embeddings)
-    try:
-        obj: LargeEmbeddingsConfig = OmegaConf.to_object(embeddings)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"{prefix}.{key}: {getattr(e, 'msg', e)}") from None
+    problems: Problems = []
+    values, optimizer, tables = parse_embeddings(embeddings, prefix, problems)
+    if problems or optimizer is None:
+        raise ConfigValidationError(problems)
+    default_dim = values.get("embedding_dim")
     specs = []
-    for key, table in obj.tables.items():
+    for key, table in tables.items():
         name = table.name or key
-        pretrained = table.pretrained if table.pretrained.embedding_snapshot_uri else None
+        pretrained = table.pretrained
         if pretrained is not None and not pretrained.emb_name:
             pretrained = replace(pretrained, emb_name=name)
         specs.append(
@@ -124,11 +134,11 @@ def table_specs(embeddings: Any, prefix: Optional[str] = None) -> List[TableSpec
                 key=key,
                 name=name,
                 num_embeddings=table.num_embeddings,
-                embedding_dim=table.embedding_dim,
+                embedding_dim=table.embedding_dim if table.embedding_dim is not None else default_dim,
                 feature_names=tuple(table.feature_names) or (name,),
                 data_type=table.data_type,
                 pooling=table.pooling,
-                optimizer=effective_optimizer(obj.optimizer, table.optimizer),
+                optimizer=effective_optimizer(optimizer, table.optimizer),
                 pretrained=pretrained,
                 vocab=table.vocab,
                 oov_policy=table.oov_policy,

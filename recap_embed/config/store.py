@@ -8,6 +8,7 @@ here so they are typed. Group names are public: other apps and tests rely on the
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from .schema import (
     EMBEDDINGS_KEY,
@@ -66,10 +67,17 @@ SCHEDULES = {
 }
 
 
+def embeddings_schema() -> DictConfig:
+    """LargeEmbeddingsConfig with `tables` open: a field a preset left out can be set per table."""
+    node = OmegaConf.structured(LargeEmbeddingsConfig)
+    OmegaConf.set_struct(node.tables, False)
+    return node
+
+
 def register_configs() -> None:
     """Store every schema and option; idempotent (the ConfigStore overwrites same names)."""
     cs = ConfigStore.instance()
-    cs.store(group=EMBEDDINGS_KEY, name="base", node=LargeEmbeddingsConfig, provider=PROVIDER)
+    cs.store(group=EMBEDDINGS_KEY, name="base", node=embeddings_schema(), provider=PROVIDER)
     cs.store(group="small_embeddings", name="base", node=SmallEmbeddingsConfig, provider=PROVIDER)
     cs.store(group="stratifiers", name="base", node=StratifiersConfig, provider=PROVIDER)
     cs.store(group="sharding", name="base", node=ShardingConfig, provider=PROVIDER)

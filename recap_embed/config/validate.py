@@ -13,24 +13,21 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from .resolve import ConfigError, config_prefix, effective_optimizer, resolve_device_type, to_container
+from .errors import ConfigError, ConfigValidationError
+from .resolve import config_prefix, effective_optimizer, parse_embeddings, resolve_device_type, to_container
 from .schema import (
     CPU_ALGORITHMS,
     CPU_SHARDING_TYPES,
     EMBEDDINGS_KEY,
+    SCHEDULE_NAMES,
     EmbeddingOptimizerConfig,
     LargeEmbeddingsConfig,
+    LearningRate,
     OovPolicy,
-    OptimizerAlgorithm,
     ShardingConfig,
     ShardingType,
     SmallEmbeddingsConfig,
     StratifiersConfig,
-    TableOptimizerConfig,
-    LearningRate,
-    LinearRampToConstant,
-    LinearRampToCosine,
-    PiecewiseConstant,
 )
 
 MISSING_VALUE = "???"
@@ -44,22 +41,15 @@ SECTIONS = {
 }
 
 
-class ConfigValidationError(ConfigError):
-    """Every rule a config breaks, one `path: problem` line each."""
-
-    def __init__(self, problems: List[Tuple[str, str]]):
-        self.problems = problems
-        lines = "\n".join(f"  {path}: {msg}" for path, msg in problems)
-        noun = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"invalid config ({len(problems)} {noun}):\n{lines}")
-
-
 class _Problems:
     def __init__(self) -> None:
         self.items: List[Tuple[str, str]] = []
 
     def add(self, path: str, msg: str) -> None:
         self.items.append((path, msg))
+
+    def extend(self, items: Iterable[Tuple[str, str]]) -> None:
+        self.items.extend(items)
 
 
 def validate(
@@ -82,8 +72,7 @@ def validate(
     table_keys: Optional[set] = None
     for section, (path, values) in sections.items():
         if section == EMBEDDINGS_KEY:
-            table_keys = set(values.get("tables") or {})
-            _check_embeddings(values, path, device_type, problems)
+            table_keys = _check_embeddings(values, path, device_type, problems)
         elif section == "small_embeddings":
             _check_small(values, path, num_discrete_features, problems)
         elif section == "stratifiers":
@@ -95,25 +84,32 @@ def validate(
         raise ConfigValidationError(problems.items)
 
 
-def _sections(cfg: Any) -> Dict[str, Tuple[str, Dict[str, Any]]]:
-    """{section: (config path, plain values)} for a root config or a single section."""
+def _sections(cfg: Any) -> Dict[str, Tuple[str, Any]]:
+    """{section: (config path, values)} for a root config or a single section.
+
+    Values are plain dicts, except the embeddings node, which `parse_embeddings` reads itself.
+    """
     if not isinstance(cfg, (DictConfig, Mapping)):
         cfg = OmegaConf.structured(cfg)
+
+    def values(section: str, node: Any) -> Any:
+        return node if section == EMBEDDINGS_KEY else to_container(node, SECTIONS[section])
+
     typ = OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else dict
     for section, schema in SECTIONS.items():
         if typ is schema:
-            return {section: (config_prefix(cfg, section), to_container(cfg, schema))}
+            return {section: (config_prefix(cfg, section), values(section, cfg))}
     found = {}
-    for section, schema in SECTIONS.items():
+    for section in SECTIONS:
         if section in cfg and cfg[section] is not None:
             node = cfg[section]
-            found[section] = (config_prefix(node, section), to_container(node, schema))
+            found[section] = (config_prefix(node, section), values(section, node))
     if not found:
-        # A bare dict that is one section: recognise it by its keys.
+        # A bare mapping that is one section: recognise it by its keys.
         keys = set(cfg)
         for section, schema in SECTIONS.items():
             if keys and keys <= set(schema.__dataclass_fields__):
-                return {section: (section, to_container(cfg, schema))}
+                return {section: (section, values(section, cfg))}
         raise ConfigError(
             f"nothing to validate: expected a root config with any of {sorted(SECTIONS)} "
             f"or one of those sections, got keys {sorted(keys)}"
@@ -135,60 +131,57 @@ def _check_positive_int(value: Any, path: str, what: str, problems: _Problems) -
     return True
 
 
-def _check_embeddings(emb: Dict[str, Any], prefix: str, device_type: str, problems: _Problems) -> None:
-    tables: Dict[str, Any] = emb.get("tables") or {}
-    if not _is_missing(emb.get("embedding_dim")):
-        _check_dim(emb.get("embedding_dim"), f"{prefix}.embedding_dim", problems)
-    collection_opt = _optimizer(emb.get("optimizer") or {})
-    _check_optimizer(collection_opt, f"{prefix}.optimizer", device_type, problems)
+def _check_embeddings(emb: Any, prefix: str, device_type: str, problems: _Problems) -> set:
+    """Check the large tables; returns the table keys for the sharding checks."""
+    parse_problems: List[Tuple[str, str]] = []
+    values, collection_opt, tables = parse_embeddings(emb, prefix, parse_problems)
+    problems.extend(parse_problems)
+    raw_tables = values.get("tables") or {}
+    _check_dim(values.get("embedding_dim"), f"{prefix}.embedding_dim", problems)
+    if collection_opt is not None:
+        _check_optimizer(collection_opt, f"{prefix}.optimizer", device_type, problems)
 
     names: Dict[str, List[str]] = defaultdict(list)
     features: Dict[str, List[str]] = defaultdict(list)
     for key, table in tables.items():
         path = f"{prefix}.tables.{key}"
-        if table is None:
-            problems.add(path, "is null; remove the table with ~" + path + " instead")
-            continue
-        name = table.get("name") or key
+        name = table.name or key
         names[name].append(key)
-        for feature in table.get("feature_names") or [name]:
+        for feature in table.feature_names or [name]:
             features[feature].append(key)
-        rows = table.get("num_embeddings")
-        if rows is None:
-            if not table.get("vocab"):
+        if table.num_embeddings is None:
+            if not table.vocab:
                 problems.add(
                     f"{path}.num_embeddings",
-                    "is null, which derives the rows from `vocab`, but the table has no vocab; "
+                    "is not set, which derives the rows from `vocab`, but the table has no vocab; "
                     "set num_embeddings (a positive integer) or vocab",
                 )
         else:
-            _check_positive_int(rows, f"{path}.num_embeddings", "num_embeddings", problems)
-        _check_dim(table.get("embedding_dim"), f"{path}.embedding_dim", problems)
-        pre = table.get("pretrained") or {}
-        uri, emb_name = pre.get("embedding_snapshot_uri"), pre.get("emb_name")
-        if uri is not None and not str(uri).strip():
-            problems.add(f"{path}.pretrained.embedding_snapshot_uri", "is empty; set the path or URI of a torchsnapshot, or null for no warm start")
-        if emb_name is not None and not str(emb_name).strip():
-            problems.add(f"{path}.pretrained.emb_name", "is empty; set the table's name inside the snapshot (null: the table's own name)")
-        if emb_name and uri is None:
-            problems.add(f"{path}.pretrained.embedding_snapshot_uri", f"is null but emb_name is {emb_name!r}; set the snapshot's path or URI")
-        vocab = table.get("vocab")
-        if vocab is not None and not str(vocab).strip():
+            _check_positive_int(table.num_embeddings, f"{path}.num_embeddings", "num_embeddings", problems)
+        if table.embedding_dim is not None:
+            _check_dim(table.embedding_dim, f"{path}.embedding_dim", problems)
+        pre = table.pretrained
+        if pre is not None:
+            if not pre.embedding_snapshot_uri.strip():
+                problems.add(f"{path}.pretrained.embedding_snapshot_uri", "is empty; set the path or URI of a torchsnapshot (or remove `pretrained` for no warm start)")
+            if pre.emb_name is not None and not pre.emb_name.strip():
+                problems.add(f"{path}.pretrained.emb_name", "is empty; set the table's name inside the snapshot (null: the table's own name)")
+        if table.vocab is not None and not table.vocab.strip():
             problems.add(f"{path}.vocab", "is empty; set a directory of parquet files, or null for raw row ids")
-        buckets = table.get("oov_buckets", 0)
-        if not isinstance(buckets, int) or buckets < 0:
-            problems.add(f"{path}.oov_buckets", f"{buckets!r} is not allowed; use a non-negative integer")
-        elif table.get("oov_policy") == OovPolicy.hash and buckets == 0:
+        if table.oov_buckets < 0:
+            problems.add(f"{path}.oov_buckets", f"{table.oov_buckets!r} is not allowed; use a non-negative integer")
+        elif table.oov_policy == OovPolicy.hash and table.oov_buckets == 0:
             problems.add(f"{path}.oov_buckets", "is 0 but oov_policy is hash; set oov_buckets > 0 (extra rows unknown ids hash into)")
-        override = _table_optimizer(table.get("optimizer") or {})
-        if override.learning_rate is not None:
-            _check_schedule(override.learning_rate, f"{path}.optimizer.learning_rate", problems)
-        # Report only what the table itself sets; inherited values are reported once, above.
-        own = _Problems()
-        _check_optimizer(effective_optimizer(collection_opt, override), f"{path}.optimizer", device_type, own, schedule=False)
-        for bad_path, msg in own.items:
-            if getattr(override, bad_path.rsplit(".", 1)[-1], None) is not None:
-                problems.add(bad_path, msg)
+        override = table.optimizer
+        if override is not None and collection_opt is not None:
+            if override.learning_rate is not None:
+                _check_schedule(override.learning_rate, f"{path}.optimizer.learning_rate", problems)
+            # Report only what the table itself sets; inherited values are reported once, above.
+            own = _Problems()
+            _check_optimizer(effective_optimizer(collection_opt, override), f"{path}.optimizer", device_type, own, schedule=False)
+            for bad_path, msg in own.items:
+                if getattr(override, bad_path.rsplit(".", 1)[-1], None) is not None:
+                    problems.add(bad_path, msg)
 
     for name, keys in names.items():
         if len(keys) > 1:
@@ -196,9 +189,10 @@ def _check_embeddings(emb: Dict[str, Any], prefix: str, device_type: str, proble
     for feature, keys in features.items():
         if len(keys) > 1:
             problems.add(f"{prefix}.tables", f"feature {feature!r} is read by {len(keys)} tables ({', '.join(keys)}); each feature feeds one table")
-    for i, logged in enumerate(emb.get("tables_to_log") or []):
-        if logged not in tables and logged not in names:
-            problems.add(f"{prefix}.tables_to_log[{i}]", f"{logged!r} is not a table; allowed: {sorted(tables) or 'none (no tables)'}")
+    for i, logged in enumerate(values.get("tables_to_log") or []):
+        if logged not in raw_tables and logged not in names:
+            problems.add(f"{prefix}.tables_to_log[{i}]", f"{logged!r} is not a table; allowed: {', '.join(sorted(raw_tables)) or 'none (no tables)'}")
+    return set(raw_tables)
 
 
 def _check_dim(dim: Any, path: str, problems: _Problems) -> None:
@@ -206,28 +200,6 @@ def _check_dim(dim: Any, path: str, problems: _Problems) -> None:
         return
     if dim % 4:
         problems.add(path, f"{dim} is not a multiple of 4; allowed: positive multiples of 4 (FBGEMM fused kernels need embedding_dim % 4 == 0)")
-
-
-def _optimizer(values: Dict[str, Any]) -> EmbeddingOptimizerConfig:
-    values = dict(values)
-    values["learning_rate"] = _schedule(values.get("learning_rate"))
-    return EmbeddingOptimizerConfig(**values)
-
-
-def _table_optimizer(values: Dict[str, Any]) -> TableOptimizerConfig:
-    values = dict(values)
-    values["learning_rate"] = _schedule(values.get("learning_rate"))
-    return TableOptimizerConfig(**values)
-
-
-def _schedule(values: Any) -> LearningRate:
-    values = dict(values or {})
-    return LearningRate(
-        constant=values.get("constant"),
-        linear_ramp_to_constant=LinearRampToConstant(**values["linear_ramp_to_constant"]) if values.get("linear_ramp_to_constant") else None,
-        linear_ramp_to_cosine=LinearRampToCosine(**values["linear_ramp_to_cosine"]) if values.get("linear_ramp_to_cosine") else None,
-        piecewise_constant=PiecewiseConstant(**values["piecewise_constant"]) if values.get("piecewise_constant") else None,
-    )
 
 
 def _check_optimizer(
@@ -256,7 +228,7 @@ def _check_optimizer(
 
 
 def _check_schedule(lr: LearningRate, path: str, problems: _Problems) -> None:
-    chosen = [name for name in ("constant", "linear_ramp_to_constant", "linear_ramp_to_cosine", "piecewise_constant") if getattr(lr, name) is not None]
+    chosen = [name for name in SCHEDULE_NAMES if getattr(lr, name) is not None]
     if len(chosen) > 1:
         problems.add(path, f"sets {len(chosen)} schedules ({', '.join(chosen)}); choose one (set the others to null, or use the embeddings/lr group)")
     if lr.constant is not None:

@@ -1,0 +1,32 @@
+"""Shared fixtures: a clean Hydra between tests, and composing against the test app's conf."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import recap_embed.config  # noqa: F401  (registers the groups)
+
+TESTS = Path(__file__).resolve().parent
+MINIMAL_APP = TESTS / "apps" / "minimal"
+
+# Spawned ranks and subprocesses must not inherit a thread pool sized for the whole machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def clean_hydra() -> Iterator[None]:
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+def compose_app(overrides: Optional[List[str]] = None, config_dir: Path = MINIMAL_APP / "conf", config_name: str = "train"):
+    """Compose `config_name` from `config_dir` with recap_embed's groups on the search path."""
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return compose(config_name=config_name, overrides=overrides or [])
