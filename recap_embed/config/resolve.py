@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -19,7 +19,6 @@ from .convert import Problems, from_mapping
 from .errors import ConfigError, ConfigValidationError
 from .schema import (
     DataType,
-    EmbeddingBagConfig,
     EmbeddingOptimizerConfig,
     EmbeddingSnapshot,
     LargeEmbeddingsConfig,
@@ -27,6 +26,9 @@ from .schema import (
     PoolingMode,
     TableOptimizerConfig,
 )
+from .store import schema_node
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,12 @@ def to_container(cfg: Any, schema: Optional[Type[Any]] = None) -> Dict[str, Any]
     Accepts a DictConfig (typed or not), a dataclass instance or a dict; `schema` types a
     plain dict. Missing values stay as the string '???' for the validator to report.
     """
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.structured(cfg) if schema is None else OmegaConf.merge(OmegaConf.structured(schema), cfg)
-    elif schema is not None and OmegaConf.get_type(cfg) is dict:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    if schema is not None and (not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is dict):
+        if not isinstance(cfg, (dict, DictConfig)):  # a dataclass instance
+            cfg = OmegaConf.structured(cfg)
+        cfg = OmegaConf.merge(schema_node(schema), cfg)
+    elif not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
     try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
@@ -85,30 +89,18 @@ def effective_optimizer(
     return replace(collection, **changes) if changes else collection
 
 
-def parse_embeddings(
-    embeddings: Any, prefix: str, problems: Problems
-) -> Tuple[Dict[str, Any], Optional[EmbeddingOptimizerConfig], Dict[str, EmbeddingBagConfig]]:
-    """(collection values, collection optimizer, {key: typed table}) of an embeddings config.
+def parse_section(cfg: Any, schema: Type[T], prefix: str, problems: Problems) -> Optional[T]:
+    """`cfg` as an instance of the section dataclass `schema`, keyed collections typed too.
 
-    Tables are open mappings in a composed config; here each is checked against
-    EmbeddingBagConfig (unknown keys, types, enum names) with its full path.
+    Unknown keys, wrong types and bad enum names are added to `problems` with their full
+    path (the keyed collections are open mappings at compose time, see `schema.keyed`).
     """
-    values = to_container(embeddings, LargeEmbeddingsConfig)
-    optimizer = from_mapping(EmbeddingOptimizerConfig, values.get("optimizer") or {}, f"{prefix}.optimizer", problems)
-    tables: Dict[str, EmbeddingBagConfig] = {}
-    raw_tables = values.get("tables") or {}
-    if not isinstance(raw_tables, dict):
-        problems.append((f"{prefix}.tables", f"{raw_tables!r} is not a mapping of table name to table"))
-        raw_tables = {}
-    for key, raw in raw_tables.items():
-        path = f"{prefix}.tables.{key}"
-        if raw is None:
-            problems.append((path, f"is null; remove a table with ~{path}"))
-            continue
-        table = from_mapping(EmbeddingBagConfig, raw, path, problems)
-        if table is not None:
-            tables[str(key)] = table
-    return values, optimizer, tables
+    try:
+        values = to_container(cfg, schema)
+    except ConfigError as e:
+        problems.append((prefix, str(e)))
+        return None
+    return from_mapping(schema, values, prefix, problems)
 
 
 def table_specs(embeddings: Any, prefix: Optional[str] = None) -> List[TableSpec]:
@@ -119,12 +111,11 @@ def table_specs(embeddings: Any, prefix: Optional[str] = None) -> List[TableSpec
     """
     prefix = prefix or config_prefix(embeddings, "embeddings")
     problems: Problems = []
-    values, optimizer, tables = parse_embeddings(embeddings, prefix, problems)
-    if problems or optimizer is None:
+    collection = parse_section(embeddings, LargeEmbeddingsConfig, prefix, problems)
+    if problems or collection is None:
         raise ConfigValidationError(problems)
-    default_dim = values.get("embedding_dim")
     specs = []
-    for key, table in tables.items():
+    for key, table in collection.tables.items():
         name = table.name or key
         pretrained = table.pretrained
         if pretrained is not None and not pretrained.emb_name:
@@ -134,11 +125,11 @@ def table_specs(embeddings: Any, prefix: Optional[str] = None) -> List[TableSpec
                 key=key,
                 name=name,
                 num_embeddings=table.num_embeddings,
-                embedding_dim=table.embedding_dim if table.embedding_dim is not None else default_dim,
+                embedding_dim=table.embedding_dim if table.embedding_dim is not None else collection.embedding_dim,
                 feature_names=tuple(table.feature_names) or (name,),
                 data_type=table.data_type,
                 pooling=table.pooling,
-                optimizer=effective_optimizer(optimizer, table.optimizer),
+                optimizer=effective_optimizer(collection.optimizer, table.optimizer),
                 pretrained=pretrained,
                 vocab=table.vocab,
                 oov_policy=table.oov_policy,

@@ -20,6 +20,21 @@ from omegaconf import MISSING
 #: Where the embeddings node lives in every app that uses the groups (package headers are absolute).
 EMBEDDINGS_KEY = "embeddings"
 
+#: Field metadata key naming the dataclass of each value of a keyed collection.
+ITEMS = "items"
+
+
+def keyed(item_type: type) -> Any:
+    """A collection keyed by name (tables, strata, per-table placement) of `item_type` values.
+
+    Composed configs keep these as open mappings rather than typed OmegaConf nodes: OmegaConf
+    spends ~65 us per typed field per item, so a 1,000-table preset would take seconds to
+    compose. `validate` checks every key and type against `item_type` instead, naming the
+    path, and open mappings let the command line set a field, or add an item, that a preset
+    left out (`embeddings.tables.user.pooling=mean`, `sharding.tables.user.sharding_types=[...]`).
+    """
+    return field(default_factory=dict, metadata={ITEMS: item_type})
+
 
 class DataType(Enum):
     """Storage type of a table's weights."""
@@ -208,11 +223,7 @@ class LargeEmbeddingsConfig:
     """Tables gathered into one torchrec EmbeddingBagCollection, trained by fused optimizers."""
 
     _target_: str = "recap_embed.modules.LargeEmbeddings"
-    # {name: EmbeddingBagConfig fields}. Kept as open mappings rather than typed nodes: OmegaConf
-    # spends ~65 us per typed field per table, which makes a 1,000-table preset take seconds to
-    # compose; `validate` checks every key and type instead, naming the path. Open mappings also
-    # let `embeddings.tables.<name>.<field>=...` set a field the preset left out.
-    tables: Dict[str, Any] = field(default_factory=dict)
+    tables: Dict[str, Any] = keyed(EmbeddingBagConfig)
     optimizer: EmbeddingOptimizerConfig = field(default_factory=EmbeddingOptimizerConfig)
     tables_to_log: List[str] = field(default_factory=list)  # tables whose statistics are logged
     embedding_dim: int = 16  # (addition) dim of every table that sets none
@@ -237,7 +248,7 @@ class SmallEmbeddingsConfig:
     """Small tables trained by the model's dense optimizer."""
 
     _target_: str = "recap_embed.modules.SmallEmbeddings"
-    tables: Dict[str, SmallEmbeddingBagConfig] = field(default_factory=dict)
+    tables: Dict[str, Any] = keyed(SmallEmbeddingBagConfig)
 
 
 @dataclass
@@ -254,7 +265,7 @@ class StratifiersConfig:
     """(Addition) The strata metrics are also reported for, keyed by name."""
 
     _target_: str = "recap_embed.modules.Stratifiers"
-    strata: Dict[str, StratifierConfig] = field(default_factory=dict)
+    strata: Dict[str, Any] = keyed(StratifierConfig)
 
 
 # --------------------------------------------------------------------------- placement
@@ -289,6 +300,6 @@ class ShardingConfig:
     batch_size: int = 512  # examples per rank and step, for the planner's estimates
     hbm_cap_gb: Optional[float] = None  # GPU memory per rank the planner may use
     ddr_cap_gb: Optional[float] = None  # host memory per rank the planner may use
-    tables: Dict[str, TableShardingConfig] = field(default_factory=dict)  # per-table constraints
-    plan: Dict[str, TablePlacement] = field(default_factory=dict)  # explicit placements
+    tables: Dict[str, Any] = keyed(TableShardingConfig)  # per-table constraints
+    plan: Dict[str, Any] = keyed(TablePlacement)  # explicit placements
     plan_file: Optional[str] = None  # plan.json written by recap-embed-plan

@@ -7,11 +7,14 @@ here so they are typed. Group names are public: other apps and tests rely on the
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from .schema import (
     EMBEDDINGS_KEY,
+    ITEMS,
     EmbeddingOptimizerConfig,
     LargeEmbeddingsConfig,
     LearningRate,
@@ -25,6 +28,14 @@ from .schema import (
 )
 
 PROVIDER = "recap_embed"
+
+#: The sections an app's root config may hold (each a group with a `base` schema option).
+SECTIONS = {
+    EMBEDDINGS_KEY: LargeEmbeddingsConfig,
+    "small_embeddings": SmallEmbeddingsConfig,
+    "stratifiers": StratifiersConfig,
+    "sharding": ShardingConfig,
+}
 
 #: Options of `embeddings/optimizer`, each a fused algorithm with sensible hyper-parameters.
 OPTIMIZERS = {
@@ -67,20 +78,20 @@ SCHEDULES = {
 }
 
 
-def embeddings_schema() -> DictConfig:
-    """LargeEmbeddingsConfig with `tables` open: a field a preset left out can be set per table."""
-    node = OmegaConf.structured(LargeEmbeddingsConfig)
-    OmegaConf.set_struct(node.tables, False)
+def schema_node(schema: type) -> DictConfig:
+    """`schema` as a node whose keyed collections (see `schema.keyed`) are open mappings."""
+    node = OmegaConf.structured(schema)
+    for f in fields(schema):
+        if ITEMS in f.metadata:
+            OmegaConf.set_struct(node[f.name], False)
     return node
 
 
 def register_configs() -> None:
     """Store every schema and option; idempotent (the ConfigStore overwrites same names)."""
     cs = ConfigStore.instance()
-    cs.store(group=EMBEDDINGS_KEY, name="base", node=embeddings_schema(), provider=PROVIDER)
-    cs.store(group="small_embeddings", name="base", node=SmallEmbeddingsConfig, provider=PROVIDER)
-    cs.store(group="stratifiers", name="base", node=StratifiersConfig, provider=PROVIDER)
-    cs.store(group="sharding", name="base", node=ShardingConfig, provider=PROVIDER)
+    for group, schema in SECTIONS.items():
+        cs.store(group=group, name="base", node=schema_node(schema), provider=PROVIDER)
     for name, optimizer in OPTIMIZERS.items():
         cs.store(group=f"{EMBEDDINGS_KEY}/optimizer", name=name, node=optimizer, provider=PROVIDER)
     for name, schedule in SCHEDULES.items():

@@ -26,10 +26,11 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .resolve import ConfigError
+from .errors import ConfigError
 from .schema import (
     EMBEDDINGS_KEY,
     DataType,
+    EmbeddingBagConfig,
     EmbeddingOptimizerConfig,
     LargeEmbeddingsConfig,
     OovPolicy,
@@ -150,10 +151,9 @@ def _large(value: Any, path: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     dims = {t["embedding_dim"] for t in tables.values()}
     if len(dims) == 1:
-        # One dim for all: state it once, as the hand-written presets do (new tables inherit it).
+        # Tables added to the preset later (`embeddings/tables=[...]`) then get the same dim;
+        # the converted tables keep theirs explicitly, whatever the collection default becomes.
         out["embedding_dim"] = dims.pop()
-        for table in tables.values():
-            del table["embedding_dim"]
     out["optimizer"] = _collection_optimizer(node["optimizer"], _join(path, "optimizer"))
     out["tables"] = tables
     if "tables_to_log" in node:
@@ -296,11 +296,20 @@ def _stratifier(value: Any, path: str) -> Tuple[str, Dict[str, Any]]:
 
 
 def _check_fits(schema: Type[Any], data: Dict[str, Any], path: str) -> None:
-    """The output must merge into our schema; interpolations (oc.env) are left unresolved."""
-    try:
-        OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), data), throw_on_missing=True)
-    except OmegaConfBaseException as e:  # a bug in this module rather than in the input
-        raise TmlConversionError(path, f"converted values do not fit {schema.__name__}: {e}") from None
+    """The output must merge into our schema; interpolations (oc.env) are left unresolved.
+
+    Large tables are checked one by one against EmbeddingBagConfig too, since the collection
+    may keep them as open mappings.
+    """
+    checks = [(schema, data, path)]
+    if schema is LargeEmbeddingsConfig:
+        checks += [(EmbeddingBagConfig, t, _join(path, f"tables.{k}")) for k, t in data["tables"].items()]
+    for cls, values, where in checks:
+        try:
+            OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(cls), values), throw_on_missing=True)
+        except OmegaConfBaseException as e:  # a bug in this module rather than in the input
+            message = " ".join(str(e).split())
+            raise TmlConversionError(where, f"converted values do not fit {cls.__name__}: {message}") from None
 
 
 # --------------------------------------------------------------------------- checking helpers
@@ -641,8 +650,9 @@ def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
     if emb["is_weighted"]:
         raise TmlConversionError(f"{path}.is_weighted", "is true; tml has no weighted inputs")
     tables = []
-    for key, t in emb["tables"].items():
+    for key, raw in emb["tables"].items():
         tpath = f"{path}.tables.{key}"
+        t = _table_values(raw, emb["embedding_dim"], tpath)
         name = t["name"] or key
         _refuse_additions(t, name, tpath)
         item: Dict[str, Any] = {
@@ -651,12 +661,12 @@ def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
             "embedding_dim": t["embedding_dim"],
             "data_type": t["data_type"],
         }
-        snap = t["pretrained"]
-        if snap["embedding_snapshot_uri"] is not None:
+        snap = t["pretrained"] or {}
+        if snap.get("embedding_snapshot_uri") is not None:
             item["pretrained"] = {"emb_name": snap["emb_name"] or name, "embedding_snapshot_uri": snap["embedding_snapshot_uri"]}
         if t["vocab"] is not None:
             item["vocab"] = t["vocab"]
-        optimizer = _table_optimizer_to_tml(t["optimizer"], coll, f"{tpath}.optimizer")
+        optimizer = _table_optimizer_to_tml(t["optimizer"] or {}, coll, f"{tpath}.optimizer")
         if optimizer is not None:
             item["optimizer"] = optimizer
         tables.append(item)
@@ -670,6 +680,19 @@ def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
     return out
 
 
+def _table_values(table: Any, collection_dim: int, path: str) -> Dict[str, Any]:
+    """A table with EmbeddingBagConfig's defaults filled in and its dim resolved."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EmbeddingBagConfig), table)
+        t: Dict[str, Any] = OmegaConf.to_container(merged, resolve=False, enum_to_str=True, throw_on_missing=True)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or "")
+        raise TmlConversionError(_join(path, key) if key else path, " ".join(str(e).splitlines()[0].split())) from None
+    if not isinstance(t.get("embedding_dim"), int):  # null or the schema's interpolation: the collection's
+        t["embedding_dim"] = collection_dim
+    return t
+
+
 def _refuse_additions(t: Dict[str, Any], name: str, path: str) -> None:
     """Our additions to tml's table have no tml field: only their neutral values convert."""
     checks = (
@@ -678,7 +701,7 @@ def _refuse_additions(t: Dict[str, Any], name: str, path: str) -> None:
         ("oov_buckets", t["oov_buckets"] == 0, t["oov_buckets"]),
         ("pooling", t["pooling"] == PoolingMode.sum.name, t["pooling"]),
         ("feature_names", list(t["feature_names"]) in ([], [name]), t["feature_names"]),
-        ("pretrained.allow_partial_rows", not t["pretrained"]["allow_partial_rows"], True),
+        ("pretrained.allow_partial_rows", not (t["pretrained"] or {}).get("allow_partial_rows"), True),
     )
     for key, ok, value in checks:
         if not ok:
@@ -687,13 +710,13 @@ def _refuse_additions(t: Dict[str, Any], name: str, path: str) -> None:
 
 def _table_optimizer_to_tml(t: Dict[str, Any], coll: Dict[str, Any], path: str) -> Optional[Dict[str, Any]]:
     """A table override as tml's OptimizerConfig, inherited values filled from the collection."""
-    schedule = _schedule_to_tml(t["learning_rate"], f"{path}.learning_rate")
+    schedule = _schedule_to_tml(t.get("learning_rate") or {}, f"{path}.learning_rate")
     scalars = ("algorithm", "init_learning_rate", "eps", "beta1", "beta2", "weight_decay")
-    if schedule is None and all(t[k] is None for k in scalars):
+    if schedule is None and all(t.get(k) is None for k in scalars):
         return None
 
     def pick(key: str) -> Any:
-        return t[key] if t[key] is not None else coll[key]
+        return t[key] if t.get(key) is not None else coll[key]
 
     algorithm, lr = pick("algorithm"), float(pick("init_learning_rate"))
     if algorithm not in _ALGORITHMS:
