@@ -54,9 +54,8 @@ def from_mapping(cls: Type[T], data: Any, path: str, problems: Problems) -> Opti
                 problems.append((f"{path}.{name}", f"missing; {cls.__name__} needs {name} ({_type_name(typ)})"))
                 ok = False
             continue
-        before = len(problems)
         value = _coerce(data[name], typ, f"{path}.{name}", problems)
-        if len(problems) > before:
+        if value is _FAILED:
             ok = False
         else:
             kwargs[name] = value
@@ -77,10 +76,14 @@ def _type_name(typ: Any) -> str:
     return getattr(typ, "__name__", str(typ))
 
 
+_FAILED = object()  # a value that could not be converted (its problem is recorded)
+
+
 def _coerce(value: Any, typ: Any, path: str, problems: Problems) -> Any:
-    if value == MISSING_VALUE:
+    """`value` as `typ`, or _FAILED with the reason added to `problems`."""
+    if isinstance(value, str) and value == MISSING_VALUE:
         problems.append((path, f"missing; set a value ({_type_name(typ)})"))
-        return None
+        return _FAILED
     origin = typing.get_origin(typ)
     if origin is Union:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -89,30 +92,34 @@ def _coerce(value: Any, typ: Any, path: str, problems: Problems) -> Any:
         return _coerce(value, args[0], path, problems)
     if value is None:
         problems.append((path, f"is null; allowed: {_type_name(typ)}"))
-        return None
+        return _FAILED
     if typ is Any:
         return value
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             problems.append((path, f"{value!r} is not a list; allowed: {_type_name(typ)}"))
-            return None
+            return _FAILED
         (item,) = typing.get_args(typ)
-        return [_coerce(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        items = [_coerce(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return _FAILED if any(v is _FAILED for v in items) else items
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             problems.append((path, f"{value!r} is not a mapping; allowed: {_type_name(typ)}"))
-            return None
+            return _FAILED
         _, item = typing.get_args(typ)
-        return {k: _coerce(v, item, f"{path}.{k}", problems) for k, v in value.items()}
+        # A keyed collection keeps its good items, so the rules still run on them.
+        items = {str(k): _coerce(v, item, f"{path}.{k}", problems) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not _FAILED}
     if dataclasses.is_dataclass(typ):
-        return from_mapping(typ, value, path, problems)
+        obj = from_mapping(typ, value, path, problems)
+        return _FAILED if obj is None else obj
     if isinstance(typ, type) and issubclass(typ, Enum):
         if isinstance(value, typ):
             return value
         if isinstance(value, str) and value in typ.__members__:
             return typ[value]
         problems.append((path, f"{value!r} is not allowed; allowed: {', '.join(typ.__members__)}"))
-        return None
+        return _FAILED
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -130,4 +137,4 @@ def _coerce(value: Any, typ: Any, path: str, problems: Problems) -> Any:
     else:  # pragma: no cover - a schema type this converter does not know
         raise TypeError(f"unsupported config type {typ!r} at {path}")
     problems.append((path, f"{value!r} is not a valid {_type_name(typ)}"))
-    return None
+    return _FAILED

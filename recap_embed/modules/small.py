@@ -1,0 +1,200 @@
+"""Small embedding tables kept inside the model (country, device, language ...).
+
+Unlike the large tables they are plain `nn.Embedding`s: replicated on every rank and
+trained by the model's dense optimizer. Each table looks up one column of the integer
+discrete-feature tensor; the outputs are concatenated in config order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from recap_embed.config import ConfigValidationError, SmallEmbeddingsConfig, validate
+from recap_embed.config.resolve import config_prefix, to_container
+
+__all__ = ["SmallEmbeddings", "SmallEmbeddingsError", "SmallTable"]
+
+#: Config path of the section, used in messages when the config does not say otherwise.
+SECTION = "small_embeddings"
+#: Bad ids quoted in an error message; the message also gives their count.
+_QUOTED = 5
+
+
+class SmallEmbeddingsError(IndexError):
+    """An input the tables cannot look up: an id out of range, or too few columns."""
+
+
+@dataclass(frozen=True)
+class SmallTable:
+    """One table with its defaults applied; `path` is its config path for messages."""
+
+    key: str
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    index: int
+    path: str
+
+
+def _section(cfg: Any) -> Any:
+    """The small_embeddings section of a root config, or `cfg` itself when it is the section."""
+    if isinstance(cfg, SmallEmbeddingsConfig):
+        return cfg
+    if isinstance(cfg, (DictConfig, Mapping)) and SECTION in cfg and "tables" not in cfg:
+        return cfg[SECTION]
+    if not isinstance(cfg, (DictConfig, Mapping)) and hasattr(cfg, SECTION):
+        return getattr(cfg, SECTION)
+    return cfg
+
+
+def small_tables(
+    tables: Mapping[str, Any], path: str = SECTION, num_discrete_features: Optional[int] = None
+) -> List[SmallTable]:
+    """Validated tables in config order (name defaults to the key).
+
+    `tables` maps keys to `SmallEmbeddingBagConfig`s, DictConfigs or dicts. Raises
+    ConfigValidationError (all problems at once, each naming its config path).
+    """
+    checked_validate({SECTION: {"tables": tables}}, SECTION, path, num_discrete_features=num_discrete_features)
+    values = to_container({"tables": tables}, SmallEmbeddingsConfig)
+    out = []
+    for key, table in (values.get("tables") or {}).items():
+        name = str(table.get("name") or key)
+        if "." in name:
+            raise ConfigValidationError([(f"{path}.tables.{key}.name", f"{name!r} is not allowed; use a name without '.'")])
+        out.append(
+            SmallTable(key, name, table["num_embeddings"], table["embedding_dim"], table["index"], f"{path}.tables.{key}")
+        )
+    return out
+
+
+def checked_validate(root: Mapping[str, Any], section: str, path: str, **kwargs: Any) -> None:
+    """`validate` on one section, its problems reported under `path` (the section's real path)."""
+    try:
+        validate(root, **kwargs)
+    except ConfigValidationError as e:
+        if path == section:
+            raise
+        raise ConfigValidationError(
+            [(path + p[len(section):] if p.startswith(section) else p, msg) for p, msg in e.problems]
+        ) from None
+
+
+class SmallEmbeddings(nn.Module):
+    """Embeddings of a few small vocabularies, concatenated: [B, F] ids -> [B, sum(dims)].
+
+    Output columns, in config order of `tables`: table t fills ``output_slices[t]``
+    (``output_dims[t]`` columns starting at the sum of the earlier dims). Weights are
+    `nn.Embedding` weights (``embeddings[name].weight``), initialised N(0, 1).
+
+    Every forward checks the ids with one min/max per looked-up column (one device sync);
+    an id outside ``[0, num_embeddings)`` raises `SmallEmbeddingsError` naming the table,
+    its config path, the bad ids and the allowed range. ``check_ids=False`` skips the check
+    (then a bad id fails inside the embedding kernel, or silently on some devices).
+    """
+
+    def __init__(
+        self,
+        tables: Mapping[str, Any],
+        *,
+        check_ids: bool = True,
+        num_discrete_features: Optional[int] = None,
+        path: str = SECTION,
+    ) -> None:
+        super().__init__()
+        self.tables: Tuple[SmallTable, ...] = tuple(small_tables(tables or {}, path, num_discrete_features))
+        self.check_ids = check_ids
+        self.path = path
+        self.embeddings = nn.ModuleDict({t.name: nn.Embedding(t.num_embeddings, t.embedding_dim) for t in self.tables})
+        self.register_buffer("_column_index", torch.tensor([t.index for t in self.tables], dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "_num_embeddings", torch.tensor([t.num_embeddings for t in self.tables], dtype=torch.long), persistent=False
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Any, **kwargs: Any) -> "SmallEmbeddings":
+        """Build from a `SmallEmbeddingsConfig` (dataclass or DictConfig) or a root config holding one."""
+        section = _section(cfg)
+        if not isinstance(section, DictConfig):
+            section = OmegaConf.structured(section) if not isinstance(section, Mapping) else OmegaConf.create(section)
+        path = kwargs.pop("path", config_prefix(section, SECTION))
+        return cls(section.get("tables") or {}, path=path, **kwargs)
+
+    # ------------------------------------------------------------------ shape of the output
+
+    @property
+    def table_names(self) -> List[str]:
+        """Table names in output order."""
+        return [t.name for t in self.tables]
+
+    @property
+    def output_dims(self) -> List[int]:
+        """Columns each table contributes, in output order."""
+        return [t.embedding_dim for t in self.tables]
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the output: the sum of the dims."""
+        return sum(self.output_dims)
+
+    @property
+    def output_slices(self) -> Dict[str, slice]:
+        """{table name: its output columns}."""
+        slices, start = {}, 0
+        for t in self.tables:
+            slices[t.name] = slice(start, start + t.embedding_dim)
+            start += t.embedding_dim
+        return slices
+
+    # ------------------------------------------------------------------ lookup
+
+    def forward(self, discrete: torch.Tensor) -> torch.Tensor:
+        """Look up column `index` of `discrete` ([B, F] int64/int32) in each table; [B, sum(dims)]."""
+        self._check_shape(discrete)
+        if not self.tables:
+            return torch.zeros(discrete.shape[0], 0, device=discrete.device, dtype=torch.get_default_dtype())
+        if self.check_ids and discrete.shape[0] > 0:
+            self._check_ids(discrete)
+        return torch.cat([self.embeddings[t.name](discrete[:, t.index]) for t in self.tables], dim=1)
+
+    def _check_shape(self, discrete: torch.Tensor) -> None:
+        if not isinstance(discrete, torch.Tensor) or discrete.dim() != 2:
+            shape = tuple(discrete.shape) if isinstance(discrete, torch.Tensor) else type(discrete).__name__
+            raise SmallEmbeddingsError(f"{self.path}: expected discrete features of shape [batch, features], got {shape}")
+        if discrete.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"small embeddings look up integer ids; expected int64 or int32 discrete features, got {discrete.dtype}")
+        width = discrete.shape[1]
+        for t in self.tables:
+            if t.index >= width:
+                raise SmallEmbeddingsError(
+                    f"{t.path}: table {t.name!r} reads column {t.index} (index), but the discrete features "
+                    f"have only {width} columns (0..{width - 1}); widen the input or change {t.path}.index"
+                )
+
+    def _check_ids(self, discrete: torch.Tensor) -> None:
+        """One min/max per column and one sync; details are gathered only when something is wrong."""
+        cols = discrete.index_select(1, self._column_index)
+        low, high = torch.aminmax(cols, dim=0)
+        bad = (low < 0) | (high >= self._num_embeddings)
+        if not bool(bad.any()):
+            return
+        lines = []
+        for i in bad.nonzero().flatten().tolist():
+            t = self.tables[i]
+            col = cols[:, i]
+            wrong = col[(col < 0) | (col >= t.num_embeddings)]
+            values = torch.unique(wrong).tolist()
+            quoted = ", ".join(str(v) for v in values[:_QUOTED]) + (", ..." if len(values) > _QUOTED else "")
+            lines.append(
+                f"{t.path}: {wrong.numel()} id(s) in column {t.index} outside the rows of table {t.name!r} "
+                f"(distinct bad ids: {quoted}); allowed: 0..{t.num_embeddings - 1} (num_embeddings={t.num_embeddings})"
+            )
+        raise SmallEmbeddingsError("\n".join(lines))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{t.name}: col {t.index} -> {t.num_embeddings}x{t.embedding_dim}" for t in self.tables)
