@@ -40,10 +40,9 @@ class DataConfig:
     hour (small ints: the discrete features, in that column order) and click (0/1)."""
 
     source: DataSource = DataSource.synthetic
+    dir: str = MISSING  # where synthetic data and its vocabs are generated (or reused)
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # Synthetic data and vocabularies are generated once per setting and cached here.
-    cache_dir: str = "${oc.env:RECAP_EMBED_CACHE,${oc.env:HOME,.}/.cache/recap_embed}"
     train_path: Optional[str] = None  # parquet file or directory (source=parquet)
     eval_path: Optional[str] = None  # parquet file or directory (source=parquet)
     discrete_columns: List[str] = field(default_factory=lambda: ["country", "device", "hour"])

@@ -1,0 +1,3 @@
+from recap_embed.train.app import main
+
+main()

@@ -1,0 +1,60 @@
+"""`recap-embed-train`: the Hydra training app (also `python -m recap_embed.train`).
+
+Its primary config `recap_embed_train` is found through recap_embed's search-path plugin, so
+the app has no config dir of its own. torch is imported only when a job runs: `--help`,
+`--cfg job` and `--info` stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import recap_embed.config  # noqa: F401  (registers the groups)
+import recap_embed.train.config  # noqa: F401  (registers the app's schema)
+
+log = logging.getLogger("recap_embed.train")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+# `${recap_embed_rank0:value}`: the value on rank 0, null elsewhere (files written once).
+OmegaConf.register_new_resolver("recap_embed_rank0", lambda value: value if _rank() == 0 else None, replace=True)
+
+
+def _quiet_other_ranks() -> None:
+    """Ranks other than 0 log warnings and errors to the console only, never to the run's log file."""
+    if _rank() == 0:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+@hydra.main(config_path=None, config_name="recap_embed_train", version_base=None)
+def main(cfg: DictConfig) -> float:
+    """Train once; returns the eval AUROC (what a sweeper would optimise)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from recap_embed.errors import report_and_exit
+
+    _quiet_other_ranks()
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    with report_and_exit(log):
+        from .loop import train  # torch and torchrec load here, not at start-up
+
+        metrics = train(cfg, output_dir)
+    return float(metrics["eval_auroc"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

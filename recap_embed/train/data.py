@@ -1,0 +1,187 @@
+"""Examples for the training app: a synthetic click log with planted structure, or your parquet.
+
+Columns (both sources): `user_id`, `item_id` (raw int64 ids, mapped to rows by each table's
+vocab), the discrete features named by `data.discrete_columns` (small ints, in that column
+order: `country`, `device`, `hour` by default) and `click` (0/1).
+
+The synthetic log plants what the model should find: users and items have hidden factors and
+a click is likelier when they align; country, device and hour shift the click rate. Raw ids
+are sparse 64-bit values, so they only make sense through the generated parquet vocabs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recap_embed.io.vocab import hash_ids, save_vocab
+
+ID_COLUMNS = ("user_id", "item_id")
+LABEL = "click"
+
+
+@dataclass
+class Examples:
+    """One split in memory: raw ids, discrete features [N, F] and labels."""
+
+    user_ids: torch.Tensor  # int64 [N]
+    item_ids: torch.Tensor  # int64 [N]
+    discrete: torch.Tensor  # int64 [N, F]
+    clicks: torch.Tensor  # float32 [N]
+
+    def __len__(self) -> int:
+        return int(self.clicks.numel())
+
+
+@dataclass
+class Batch:
+    """What one rank trains on in one step."""
+
+    sparse: KeyedJaggedTensor  # features `user`, `item`: raw ids, one per example
+    discrete: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.sparse.to(device), self.discrete.to(device), self.labels.to(device))
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _raw_ids(n: int, salt: int) -> np.ndarray:
+    """n distinct sparse 64-bit ids (splitmix64 is a bijection, so distinct inputs stay distinct)."""
+    return hash_ids(torch.arange(n, dtype=torch.int64) + (salt << 40)).numpy()
+
+
+def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
+    """Write train.parquet, eval.parquet and vocab/{user,item}/ into `out_dir`, atomically.
+
+    `cfg` is the `data.synthetic` section. Deterministic per (cfg, seed). If `out_dir` is
+    already complete it is reused (a second process waiting on the same dir sees it whole).
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "COMPLETE").exists():
+        return out_dir
+    rng = np.random.default_rng(seed)
+    users, items, k = cfg.num_users, cfg.num_items, cfg.num_factors
+    user_factors = rng.normal(size=(users, k)) / np.sqrt(k)
+    item_factors = rng.normal(size=(items, k)) / np.sqrt(k)
+    user_country = rng.integers(0, cfg.num_countries, users)
+    country_bias = rng.normal(scale=0.5, size=cfg.num_countries)
+    device_bias = np.linspace(-0.6, 0.6, cfg.num_devices)
+    hour_bias = 0.4 * np.sin(np.arange(cfg.num_hours) / cfg.num_hours * 2 * np.pi)
+    item_pop = 1.0 / (np.arange(items) + 20.0) ** 0.8
+    item_pop /= item_pop.sum()
+    user_raw, item_raw = _raw_ids(users, 1 + seed), _raw_ids(items, 1_000 + seed)
+
+    def split(n: int, unknown_rate: float) -> pa.Table:
+        u = rng.integers(0, users, n)
+        i = rng.choice(items, size=n, p=item_pop)
+        device = rng.integers(0, cfg.num_devices, n)
+        hour = rng.integers(0, cfg.num_hours, n)
+        country = user_country[u]
+        affinity = np.einsum("nk,nk->n", user_factors[u], item_factors[i]) * np.sqrt(k)
+        logit = cfg.signal * affinity + country_bias[country] + device_bias[device] + hour_bias[hour] - 0.5
+        click = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
+        user_id = user_raw[u].copy()
+        if unknown_rate > 0:  # ids no vocab has seen: new users at serving time
+            unknown = rng.random(n) < unknown_rate
+            user_id[unknown] = _raw_ids(int(unknown.sum()), 7_777 + seed)
+        return pa.table(
+            {
+                "user_id": user_id,
+                "item_id": item_raw[i],
+                "country": country.astype(np.int64),
+                "device": device.astype(np.int64),
+                "hour": hour.astype(np.int64),
+                LABEL: click.astype(np.int8),
+            }
+        )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        pq.write_table(split(cfg.num_train, 0.0), tmp / "train.parquet")
+        pq.write_table(split(cfg.num_eval, cfg.unknown_rate), tmp / "eval.parquet")
+        # Rows are a seeded permutation: nothing about a row index reveals the entity.
+        save_vocab(tmp / "vocab" / "user", user_raw, rng.permutation(users))
+        save_vocab(tmp / "vocab" / "item", item_raw, rng.permutation(items))
+        (tmp / "COMPLETE").write_text("ok\n")
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process finished first: keep theirs
+            if not (out_dir / "COMPLETE").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_examples(path: str, discrete_columns: Sequence[str]) -> Examples:
+    """Read a parquet file or directory into memory, checking the columns by name."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data path {path} does not exist")
+    table = pq.read_table(p)
+    need = [*ID_COLUMNS, *discrete_columns, LABEL]
+    missing = [c for c in need if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has {table.column_names}, the app needs {need}")
+
+    def column(name: str, dtype) -> torch.Tensor:
+        return torch.from_numpy(table.column(name).to_numpy().astype(dtype, copy=False))
+
+    discrete = torch.stack([column(c, np.int64) for c in discrete_columns], dim=1) if discrete_columns else torch.zeros((table.num_rows, 0), dtype=torch.int64)
+    return Examples(column("user_id", np.int64), column("item_id", np.int64), discrete, column(LABEL, np.float32))
+
+
+def batches(
+    examples: Examples,
+    global_batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_seed: Optional[int] = None,
+    drop_last: bool = True,
+) -> Iterator[Batch]:
+    """This rank's share of each global batch: rows [rank * B/W, (rank + 1) * B/W) of it."""
+    n = len(examples)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed)) if shuffle_seed is not None else torch.arange(n)
+    per_rank = global_batch_size // world_size
+    end = n - n % global_batch_size if drop_last else n
+    for start in range(0, end, global_batch_size):
+        rows = order[start : start + global_batch_size][rank * per_rank : (rank + 1) * per_rank]
+        if rows.numel() == 0:
+            continue
+        yield make_batch(examples, rows)
+
+
+def make_batch(examples: Examples, rows: torch.Tensor) -> Batch:
+    b = rows.numel()
+    sparse = KeyedJaggedTensor(
+        keys=["user", "item"],
+        values=torch.cat([examples.user_ids[rows], examples.item_ids[rows]]),
+        lengths=torch.ones(2 * b, dtype=torch.int32),
+    )
+    return Batch(sparse, examples.discrete[rows], examples.clicks[rows])
+
+
+def num_batches(n: int, global_batch_size: int, drop_last: bool = True) -> int:
+    return n // global_batch_size if drop_last else -(-n // global_batch_size)
+
+
+def discrete_width(columns: List[str]) -> int:
+    return len(columns)

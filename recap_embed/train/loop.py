@@ -1,0 +1,243 @@
+"""The training loop of `recap-embed-train`, usable without Hydra: `train(cfg, output_dir)`.
+
+Every rank runs it; files are written by rank 0 only (the checkpoint by all ranks together).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+from recap_embed.config import validate
+from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
+from recap_embed.instantiate import instantiate
+from recap_embed.io.checkpoint import save_checkpoint
+from recap_embed.io.pretrained import load_pretrained
+from recap_embed.io.vocab import VocabMapper
+from recap_embed.modules import StratifiedMetrics, table_stats
+from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
+
+from .config import DataSource
+from .data import Batch, Examples, batches, generate_synthetic, num_batches, read_examples
+from .model import RecapModel
+
+log = logging.getLogger("recap_embed.train")
+
+
+def rank_and_world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device_type: str) -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); gloo on CPU, NCCL on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_data(cfg: DictConfig, rank: int) -> Dict[str, Examples]:
+    """Generate (rank 0, once) or read the examples; vocab paths are set in the config."""
+    data = cfg.data
+    if data.source == DataSource.synthetic:
+        if rank == 0:
+            generate_synthetic(Path(data.dir), data.synthetic, data.seed)
+        barrier()
+        train_path, eval_path = Path(data.dir) / "train.parquet", Path(data.dir) / "eval.parquet"
+    else:
+        if not data.train_path or not data.eval_path:
+            raise ValueError("data.source=parquet needs data.train_path and data.eval_path (parquet files or directories)")
+        train_path, eval_path = data.train_path, data.eval_path
+    columns = list(data.discrete_columns)
+    return {"train": read_examples(str(train_path), columns), "eval": read_examples(str(eval_path), columns)}
+
+
+class Trainer:
+    """Builds the model from the config and runs the loop; see `train` for the one-call form."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.device = resolve_device(cfg.sharding.device)
+        init_distributed(self.device.type)
+        self.rank, self.world = rank_and_world()
+        validate(cfg, device=str(self.device), num_discrete_features=len(cfg.data.discrete_columns))
+        if cfg.train.batch_size % self.world:
+            raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {self.world} ranks; use a multiple of {self.world}")
+        torch.manual_seed(cfg.train.seed)
+        self.examples = prepare_data(cfg, self.rank)
+
+        large = instantiate(cfg.embeddings)
+        small = instantiate(cfg.small_embeddings)
+        self.vocab = VocabMapper({f: large.vocabs[s.name] for s in large.specs if s.name in large.vocabs for f in s.feature_names})
+        model = RecapModel(large, small, list(cfg.model.hidden), cfg.model.interaction)
+        self.model = shard(model, cfg.sharding, device=self.device)
+        self.specs = large.specs
+        self.pretrained = load_pretrained(self.model, self.specs)
+        dense = cfg.train.dense_optimizer
+        dense_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[dense.name]
+        self.optimizer = combined_optimizer(self.model, lambda params: dense_cls(params, lr=dense.lr, weight_decay=dense.weight_decay))
+        self.scheduler = EmbeddingLRScheduler(self.model, self.optimizer)
+        strata = instantiate(cfg.stratifiers)
+        self.metrics = StratifiedMetrics({"auroc": BinaryAUROC(), "loss": MeanMetric()}, strata).to(self.device)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+        self.step = 0
+        self.curve: List[Dict[str, float]] = []
+
+    # ------------------------------------------------------------------ pieces
+
+    def _batch(self, batch: Batch) -> Batch:
+        batch = Batch(self.vocab(batch.sparse), batch.discrete, batch.labels)
+        return batch.to(self.device)
+
+    def evaluate(self) -> Dict[str, float]:
+        self.model.eval()
+        self.metrics.reset()
+        with torch.no_grad():
+            for raw in batches(self.examples["eval"], self.cfg.train.batch_size, rank=self.rank, world_size=self.world, drop_last=False):
+                batch = self._batch(raw)
+                logits = self.model(batch.sparse, batch.discrete)
+                loss = self.loss_fn(logits, batch.labels)
+                self.metrics.update(torch.sigmoid(logits), batch.labels.long(), batch.discrete, loss=loss)
+        self.model.train()
+        return {k: float(v) for k, v in self.metrics.compute().items()}
+
+    def write_plan(self) -> str:
+        rows = describe_plan(self.model)
+        text = format_plan(rows)
+        if self.rank == 0:
+            save_plan_file(self.output_dir / "plan.json", plan_placements(self.model), world_size=self.world)
+            (self.output_dir / "plan.txt").write_text(text + "\n")
+        return text
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg.train
+        log.info("embedding placement (%d rank%s, %s):\n%s", self.world, "s" if self.world > 1 else "", self.device, self.write_plan())
+        train_set = self.examples["train"]
+        per_epoch = num_batches(len(train_set), cfg.batch_size)
+        total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+        bar = _progress(total, enabled=cfg.progress and self.rank == 0)
+        start = time.perf_counter()
+        step_time = 0.0
+        running = None
+        stats: Dict[str, Any] = {}
+        done = False
+        for epoch in range(cfg.epochs):
+            for raw in batches(train_set, cfg.batch_size, rank=self.rank, world_size=self.world, shuffle_seed=cfg.seed * 1000 + epoch):
+                t0 = time.perf_counter()
+                batch = self._batch(raw)
+                logits = self.model(batch.sparse, batch.discrete)
+                loss = self.loss_fn(logits, batch.labels).mean()
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                step_time += time.perf_counter() - t0
+                value = float(loss.detach())
+                running = value if running is None else 0.98 * running + 0.02 * value
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running:.4f}", ex_s=f"{self.step * cfg.batch_size / (time.perf_counter() - start):,.0f}")
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    stats = self._log_tables()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._eval_point(running)
+                if self.step >= total:
+                    done = True
+                    break
+            if done:
+                break
+        if bar is not None:
+            bar.close()
+        wall = time.perf_counter() - start
+        final = self.evaluate()
+        if not self.curve or self.curve[-1]["step"] != self.step:
+            self.curve.append({"step": self.step, "train_loss": running, "eval_auroc": final["auroc"], "eval_loss": final["loss"]})
+        stats = self._log_tables() or stats
+        checkpoint = None
+        if cfg.checkpoint:
+            app_state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+            checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, app_state, asynchronous=cfg.checkpoint_async)
+        metrics = {
+            "steps": self.step,
+            "examples": self.step * cfg.batch_size,
+            "world_size": self.world,
+            "device": str(self.device),
+            "train_seconds": wall,
+            "seconds_per_step": step_time / max(1, self.step),
+            "examples_per_second": self.step * cfg.batch_size / max(wall, 1e-9),
+            "final_train_loss": running,
+            "eval": final,
+            "eval_auroc": final["auroc"],
+            "eval_loss": final["loss"],
+            "curve": self.curve,
+            "table_stats": stats,
+            "oov_rate": self.vocab.oov_rates(),
+            "pretrained": {k: str(v) for k, v in (self.pretrained or {}).items()},
+            "embedding_dims": {s.name: s.embedding_dim for s in self.specs},
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        }
+        if self.rank == 0:
+            _write_json(self.output_dir / "metrics.json", metrics)
+            log.info("eval: %s", "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
+        return metrics
+
+    def _eval_point(self, running: Optional[float]) -> None:
+        result = self.evaluate()
+        self.curve.append({"step": self.step, "train_loss": running, "eval_auroc": result["auroc"], "eval_loss": result["loss"]})
+        if self.rank == 0:
+            log.info("step %d: eval auroc %.4f loss %.4f", self.step, result["auroc"], result["loss"])
+
+    def _log_tables(self) -> Dict[str, Any]:
+        tables = [s.name for s in self.specs if s.key in self.cfg.embeddings.tables_to_log or s.name in self.cfg.embeddings.tables_to_log]
+        if not tables:
+            return {}
+        stats = table_stats(self.model, tables)
+        if self.rank == 0:
+            log.info("step %d tables: %s", self.step, "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in s.items()) for t, s in stats.items()))
+        return stats
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+def _write_json(path: Path, payload: Dict[str, Any]) -> None:
+    """Write atomically: a crash never leaves half a metrics file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def train(cfg: DictConfig, output_dir: Path) -> Dict[str, Any]:
+    """Build everything the config describes and train; returns the metrics (also in metrics.json)."""
+    return Trainer(cfg, output_dir).run()
