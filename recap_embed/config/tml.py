@@ -35,7 +35,9 @@ from .schema import (
     LargeEmbeddingsConfig,
     OovPolicy,
     PoolingMode,
+    SmallEmbeddingBagConfig,
     SmallEmbeddingsConfig,
+    StratifierConfig,
     StratifiersConfig,
 )
 from .store import OPTIMIZERS, SCHEDULES
@@ -44,7 +46,6 @@ SMALL_KEY = "small_embeddings"
 STRATIFIERS_KEY = "stratifiers"
 
 # Allowed keys of each tml model, in tml's declaration order (shown in error messages).
-_HOLDER_KEYS = ("large_embeddings", "small_embeddings", "stratifiers")
 _LARGE_KEYS = ("tables", "optimizer", "tables_to_log")
 _TABLE_KEYS = ("name", "num_embeddings", "embedding_dim", "data_type", "pretrained", "vocab", "optimizer")
 _SNAPSHOT_KEYS = ("emb_name", "embedding_snapshot_uri")
@@ -61,6 +62,14 @@ _STRATIFIER_KEYS = ("name", "index", "value")
 TML_ADAM_BETAS = (0.9, 0.999)
 TML_ADAM_EPS = 1e-7
 TML_ADAGRAD_EPS = 0.0
+
+#: Each section's keyed collection and its item type. Composed configs may hold the items as
+#: open mappings, so they are typed here item by item.
+_ITEMS: Dict[type, Tuple[str, type]] = {
+    LargeEmbeddingsConfig: ("tables", EmbeddingBagConfig),
+    SmallEmbeddingsConfig: ("tables", SmallEmbeddingBagConfig),
+    StratifiersConfig: ("strata", StratifierConfig),
+}
 
 #: A preset name must be a plain Hydra option name (no dots, slashes or override syntax).
 _PRESET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*\Z")
@@ -296,14 +305,11 @@ def _stratifier(value: Any, path: str) -> Tuple[str, Dict[str, Any]]:
 
 
 def _check_fits(schema: Type[Any], data: Dict[str, Any], path: str) -> None:
-    """The output must merge into our schema; interpolations (oc.env) are left unresolved.
-
-    Large tables are checked one by one against EmbeddingBagConfig too, since the collection
-    may keep them as open mappings.
-    """
+    """The output must merge into our schema, each item into its item type too (the collections
+    may be open mappings); interpolations (oc.env) are left unresolved."""
+    collection, item_type = _ITEMS[schema]
     checks = [(schema, data, path)]
-    if schema is LargeEmbeddingsConfig:
-        checks += [(EmbeddingBagConfig, t, _join(path, f"tables.{k}")) for k, t in data["tables"].items()]
+    checks += [(item_type, v, _join(path, f"{collection}[{k!r}]")) for k, v in data[collection].items()]
     for cls, values, where in checks:
         try:
             OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(cls), values), throw_on_missing=True)
@@ -571,8 +577,27 @@ def _plain_preset(values: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
     return ["base", "_self_"], values
 
 
+class _PresetDumper(yaml.SafeDumper):
+    """Quotes every string OmegaConf's YAML loader reads as another type (it reads `1e3` as a float)."""
+
+
+_PresetDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
+        |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def _dump(data: Dict[str, Any]) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(data, Dumper=_PresetDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def _atomic_write(target: Path, text: str) -> None:
@@ -615,29 +640,48 @@ def to_tml(cfg: Any) -> Dict[str, Any]:
         small = _plain(SmallEmbeddingsConfig, sections[SMALL_KEY], SMALL_KEY)
         out["small_embeddings"] = {
             "tables": [
-                {"name": t["name"] or key, "num_embeddings": t["num_embeddings"], "embedding_dim": t["embedding_dim"], "index": t["index"]}
+                {"name": t["name"] or key, **{k: t[k] for k in ("num_embeddings", "embedding_dim", "index")}}
                 for key, t in small["tables"].items()
             ]
         }
     if sections[STRATIFIERS_KEY] is not None:
         strata = _plain(StratifiersConfig, sections[STRATIFIERS_KEY], STRATIFIERS_KEY)
         out["stratifiers"] = [
-            {"name": s["name"] or key, "index": s["index"], "value": s["value"]} for key, s in strata["strata"].items()
+            {"name": t["name"] or key, "index": t["index"], "value": t["value"]} for key, t in strata["strata"].items()
         ]
     return out
 
 
 def _plain(schema: Type[Any], node: Any, path: str) -> Dict[str, Any]:
-    """`node` typed by `schema`, resolved, with enums as their names."""
+    """`node` typed by `schema` (its items by their item type), resolved, enums as names."""
+    collection, item_type = _ITEMS[schema]
     try:
         if isinstance(node, DictConfig):  # resolve within its root first (relative interpolations)
             node = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        return OmegaConf.to_container(merged, resolve=True, enum_to_str=True, throw_on_missing=True)  # type: ignore[return-value]
+        out: Dict[str, Any] = OmegaConf.to_container(merged, resolve=True, enum_to_str=True, throw_on_missing=True)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
-        key = str(getattr(e, "full_key", "") or "")
-        where = key if key == path or key.startswith(path + ".") else _join(path, key) if key else path
-        raise TmlConversionError(where, f"cannot be resolved: {str(e).splitlines()[0]}") from None
+        raise TmlConversionError(_omegaconf_path(e, path), f"cannot be resolved: {_first_line(e)}") from None
+    items = {}
+    for key, item in out[collection].items():
+        where = f"{path}.{collection}.{key}"
+        try:
+            # Not resolved again: an item's interpolations were resolved with the section above.
+            typed = OmegaConf.merge(OmegaConf.structured(item_type), item)
+            items[key] = OmegaConf.to_container(typed, resolve=False, enum_to_str=True, throw_on_missing=True)
+        except OmegaConfBaseException as e:
+            raise TmlConversionError(_omegaconf_path(e, where), _first_line(e)) from None
+    out[collection] = items
+    return out
+
+
+def _omegaconf_path(e: OmegaConfBaseException, path: str) -> str:
+    key = str(getattr(e, "full_key", "") or "")
+    return key if key == path or key.startswith(path + ".") else _join(path, key) if key else path
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).splitlines()[0].split()) if str(e) else type(e).__name__
 
 
 def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
@@ -652,7 +696,9 @@ def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
     tables = []
     for key, raw in emb["tables"].items():
         tpath = f"{path}.tables.{key}"
-        t = _table_values(raw, emb["embedding_dim"], tpath)
+        t = dict(raw)
+        if not isinstance(t.get("embedding_dim"), int):  # null, or an older schema's interpolation
+            t["embedding_dim"] = emb["embedding_dim"]
         name = t["name"] or key
         _refuse_additions(t, name, tpath)
         item: Dict[str, Any] = {
@@ -678,19 +724,6 @@ def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
     if emb["tables_to_log"]:
         out["tables_to_log"] = list(emb["tables_to_log"])
     return out
-
-
-def _table_values(table: Any, collection_dim: int, path: str) -> Dict[str, Any]:
-    """A table with EmbeddingBagConfig's defaults filled in and its dim resolved."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EmbeddingBagConfig), table)
-        t: Dict[str, Any] = OmegaConf.to_container(merged, resolve=False, enum_to_str=True, throw_on_missing=True)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        key = str(getattr(e, "full_key", "") or "")
-        raise TmlConversionError(_join(path, key) if key else path, " ".join(str(e).splitlines()[0].split())) from None
-    if not isinstance(t.get("embedding_dim"), int):  # null or the schema's interpolation: the collection's
-        t["embedding_dim"] = collection_dim
-    return t
 
 
 def _refuse_additions(t: Dict[str, Any], name: str, path: str) -> None:
