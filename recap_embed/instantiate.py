@@ -26,6 +26,8 @@ class UntrustedTargetError(ValueError):
 
 
 def _targets(node: Any, path: str) -> Iterable[Tuple[str, Any]]:
+    if isinstance(node, (DictConfig, ListConfig)) and (node._is_none() or node._is_missing()):
+        return
     if isinstance(node, (DictConfig, Mapping)):
         items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
         for key, value in items:

@@ -22,15 +22,15 @@ class DataSource(Enum):
 class SyntheticConfig:
     """The planted structure of the built-in click log (deterministic per `seed`)."""
 
-    num_users: int = 20_000
-    num_items: int = 5_000
-    num_factors: int = 8  # dim of the hidden user/item factors behind clicks
-    num_train: int = 300_000  # examples
-    num_eval: int = 30_000
+    num_users: int = 5_000
+    num_items: int = 1_000
+    num_factors: int = 4  # dim of the hidden user/item factors behind clicks
+    num_train: int = 500_000  # examples
+    num_eval: int = 50_000
     num_countries: int = 32  # discrete column 0
     num_devices: int = 4  # discrete column 1
     num_hours: int = 24  # discrete column 2
-    signal: float = 3.0  # strength of the user-item affinity in the click logit
+    signal: float = 1.5  # strength of the user-item affinity in the click logit (best AUC ~0.82)
     unknown_rate: float = 0.01  # share of eval ids absent from the vocab (exercises OOV)
 
 
@@ -68,7 +68,7 @@ class DenseOptimizerConfig:
 @dataclass
 class TrainingConfig:
     batch_size: int = 1024  # global: split across ranks
-    epochs: int = 2
+    epochs: int = 3
     max_steps: Optional[int] = None  # stop early (after this many steps)
     eval_every: int = 100  # steps between evaluations (the AUC curve in metrics.json)
     log_every: int = 50  # steps between table statistics

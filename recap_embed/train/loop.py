@@ -130,7 +130,7 @@ class Trainer:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg.train
-        log.info("embedding placement (%d rank%s, %s):\n%s", self.world, "s" if self.world > 1 else "", self.device, self.write_plan())
+        self.write_plan()  # `shard` has logged it
         train_set = self.examples["train"]
         per_epoch = num_batches(len(train_set), cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
@@ -156,7 +156,7 @@ class Trainer:
                 running = value if running is None else 0.98 * running + 0.02 * value
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{running:.4f}", ex_s=f"{self.step * cfg.batch_size / (time.perf_counter() - start):,.0f}")
+                    bar.set_postfix(loss=f"{running:.4f}", ex_s=f"{self.step * cfg.batch_size / (time.perf_counter() - start):,.0f}", refresh=False)
                 if cfg.log_every and self.step % cfg.log_every == 0:
                     stats = self._log_tables()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
