@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -48,6 +49,10 @@ def main(cfg: DictConfig) -> float:
     from recap_embed.errors import report_and_exit
 
     _quiet_other_ranks()
+    # torchrec's own deprecation notices about its DDP wrapper say nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*DTensor instead.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     with report_and_exit(log):
         from .loop import train  # torch and torchrec load here, not at start-up

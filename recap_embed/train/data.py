@@ -117,6 +117,7 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
         save_vocab(tmp / "vocab" / "user", user_raw, rng.permutation(users))
         save_vocab(tmp / "vocab" / "item", item_raw, rng.permutation(items))
         (tmp / "COMPLETE").write_text("ok\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data is for every rank and user
         try:
             os.replace(tmp, out_dir)
         except OSError:  # another process finished first: keep theirs
@@ -142,7 +143,7 @@ def read_examples(path: str, discrete_columns: Sequence[str]) -> Examples:
         raise ValueError(f"{path}: missing column(s) {missing}; the file has {table.column_names}, the app needs {need}")
 
     def column(name: str, dtype) -> torch.Tensor:
-        return torch.from_numpy(table.column(name).to_numpy().astype(dtype, copy=False))
+        return torch.from_numpy(table.column(name).to_numpy().astype(dtype))  # a writable copy
 
     discrete = torch.stack([column(c, np.int64) for c in discrete_columns], dim=1) if discrete_columns else torch.zeros((table.num_rows, 0), dtype=torch.int64)
     return Examples(column("user_id", np.int64), column("item_id", np.int64), discrete, column(LABEL, np.float32))
