@@ -30,7 +30,8 @@ class SyntheticConfig:
     num_countries: int = 32  # discrete column 0
     num_devices: int = 4  # discrete column 1
     num_hours: int = 24  # discrete column 2
-    signal: float = 1.5  # strength of the user-item affinity in the click logit (best AUC ~0.82)
+    signal: float = 1.5  # strength of the user-item affinity in the click logit
+    bias: float = 0.8  # spread of the per-user and per-item click propensities
     unknown_rate: float = 0.01  # share of eval ids absent from the vocab (exercises OOV)
 
 
@@ -61,7 +62,7 @@ class DenseOptimizerConfig:
     """Optimizer of the dense parameters (MLP and small embeddings)."""
 
     name: str = "adam"  # adam | adagrad | sgd (torch.optim)
-    lr: float = 0.003
+    lr: float = 0.01
     weight_decay: float = 0.0
 
 

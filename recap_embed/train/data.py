@@ -4,13 +4,15 @@ Columns (both sources): `user_id`, `item_id` (raw int64 ids, mapped to rows by e
 vocab), the discrete features named by `data.discrete_columns` (small ints, in that column
 order: `country`, `device`, `hour` by default) and `click` (0/1).
 
-The synthetic log plants what the model should find: users and items have hidden factors and
-a click is likelier when they align; country, device and hour shift the click rate. Raw ids
+The synthetic log plants what the model should find: users and items have their own click
+propensity and hidden factors, and a click is likelier when the factors align; country, device
+and hour shift the click rate. Raw ids
 are sparse 64-bit values, so they only make sense through the generated parquet vocabs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -76,6 +78,8 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
     users, items, k = cfg.num_users, cfg.num_items, cfg.num_factors
     user_factors = rng.normal(size=(users, k)) / np.sqrt(k)
     item_factors = rng.normal(size=(items, k)) / np.sqrt(k)
+    user_bias = rng.normal(scale=cfg.bias, size=users)  # how click-happy each user is
+    item_bias = rng.normal(scale=cfg.bias, size=items)  # how clickable each item is
     user_country = rng.integers(0, cfg.num_countries, users)
     country_bias = rng.normal(scale=0.5, size=cfg.num_countries)
     device_bias = np.linspace(-0.6, 0.6, cfg.num_devices)
@@ -84,15 +88,19 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
     item_pop /= item_pop.sum()
     user_raw, item_raw = _raw_ids(users, 1 + seed), _raw_ids(items, 1_000 + seed)
 
-    def split(n: int, unknown_rate: float) -> pa.Table:
+    def split(n: int, unknown_rate: float, oracle: Optional[dict] = None) -> pa.Table:
         u = rng.integers(0, users, n)
         i = rng.choice(items, size=n, p=item_pop)
         device = rng.integers(0, cfg.num_devices, n)
         hour = rng.integers(0, cfg.num_hours, n)
         country = user_country[u]
         affinity = np.einsum("nk,nk->n", user_factors[u], item_factors[i]) * np.sqrt(k)
-        logit = cfg.signal * affinity + country_bias[country] + device_bias[device] + hour_bias[hour] - 0.5
+        logit = cfg.signal * affinity + user_bias[u] + item_bias[i] + country_bias[country] + device_bias[device] + hour_bias[hour] - 0.5
         click = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
+        if oracle is not None:  # the AUC of the true click probability: the best any model can do
+            from torchmetrics.functional.classification import binary_auroc
+
+            oracle["eval_auroc"] = float(binary_auroc(torch.from_numpy(logit), torch.from_numpy(click).long()))
         user_id = user_raw[u].copy()
         if unknown_rate > 0:  # ids no vocab has seen: new users at serving time
             unknown = rng.random(n) < unknown_rate
@@ -112,7 +120,9 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         pq.write_table(split(cfg.num_train, 0.0), tmp / "train.parquet")
-        pq.write_table(split(cfg.num_eval, cfg.unknown_rate), tmp / "eval.parquet")
+        oracle: dict = {}
+        pq.write_table(split(cfg.num_eval, cfg.unknown_rate, oracle), tmp / "eval.parquet")
+        (tmp / "oracle.json").write_text(json.dumps(oracle) + "\n")
         # Rows are a seeded permutation: nothing about a row index reveals the entity.
         save_vocab(tmp / "vocab" / "user", user_raw, rng.permutation(users))
         save_vocab(tmp / "vocab" / "item", item_raw, rng.permutation(items))
@@ -129,6 +139,12 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def oracle_auroc(data_dir: Path) -> Optional[float]:
+    """The eval AUC of the true click probabilities of a synthetic log (None for other data)."""
+    path = Path(data_dir) / "oracle.json"
+    return json.loads(path.read_text()).get("eval_auroc") if path.exists() else None
 
 
 def read_examples(path: str, discrete_columns: Sequence[str]) -> Examples:

@@ -29,7 +29,7 @@ from recap_embed.modules import StratifiedMetrics, table_stats
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
 from .config import DataSource
-from .data import Batch, Examples, batches, generate_synthetic, num_batches, read_examples
+from .data import Batch, Examples, batches, generate_synthetic, num_batches, oracle_auroc, read_examples
 from .model import RecapModel
 
 log = logging.getLogger("recap_embed.train")
@@ -189,6 +189,7 @@ class Trainer:
             "eval": final,
             "eval_auroc": final["auroc"],
             "eval_loss": final["loss"],
+            "best_possible_eval_auroc": oracle_auroc(Path(self.cfg.data.dir)) if self.cfg.data.source == DataSource.synthetic else None,
             "curve": self.curve,
             "table_stats": stats,
             "oov_rate": self.vocab.oov_rates(),
@@ -199,6 +200,8 @@ class Trainer:
         if self.rank == 0:
             _write_json(self.output_dir / "metrics.json", metrics)
             log.info("eval: %s", "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
+            if metrics["best_possible_eval_auroc"] is not None:
+                log.info("best possible eval auroc on this synthetic log: %.4f", metrics["best_possible_eval_auroc"])
         return metrics
 
     def _eval_point(self, running: Optional[float]) -> None:

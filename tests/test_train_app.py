@@ -1,0 +1,138 @@
+"""The main job as a user runs it: the console script, a sweep, torchrun, warm start, the example app."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from conftest import TESTS
+
+REPO = TESTS.parent
+# The default run (about 10 s on 2 cores) with the progress bar off.
+DEFAULT = ["train.progress=false"]
+
+
+def run(args: List[str], cwd: Path, timeout: int = 300, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return out
+
+
+def train_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "recap_embed.train", *overrides], cwd=cwd)
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> Path:
+    """One default training, shared by the tests that read its outputs."""
+    run_dir = tmp_path_factory.mktemp("run1")
+    out = train_cli(*DEFAULT, f"hydra.run.dir={run_dir}", cwd=run_dir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run_dir
+
+
+def test_default_training_beats_chance_and_writes_its_outputs(first_run: Path):
+    metrics = metrics_of(first_run)
+    assert metrics["eval_auroc"] > 0.7, metrics["eval"]
+    assert metrics["eval_auroc"] < metrics["best_possible_eval_auroc"]
+    for name in ("auroc/device_0", "auroc/device_1", "auroc/country_0", "loss"):
+        assert name in metrics["eval"]
+    assert metrics["steps"] == 3 * (500_000 // 1024)
+    assert {"user", "item"} <= set(metrics["table_stats"])
+    assert 0 < metrics["table_stats"]["user"]["touched_fraction"] <= 1
+    assert metrics["oov_rate"]["user"] > 0  # the eval split holds unseen users
+    assert (first_run / ".hydra" / "config.yaml").exists()
+    plan = json.loads((first_run / "plan.json").read_text())
+    assert set(plan["tables"]) == {"user", "item"}
+    checkpoint = Path(metrics["checkpoint"])
+    assert checkpoint.name == f"step_{metrics['steps']}" and (checkpoint / "COMPLETE").exists()
+    assert len(metrics["curve"]) >= 3
+
+
+def test_warm_start_reaches_the_first_runs_auc_in_fewer_steps(first_run: Path, tmp_path: Path):
+    first = metrics_of(first_run)
+    ckpt = first["checkpoint"]
+    out = train_cli(
+        *DEFAULT,
+        "train.max_steps=700",
+        f"hydra.run.dir={tmp_path}",
+        f"data.dir={first_run / 'data'}",  # the same ids and vocab rows as the first run
+        f"embeddings.tables.user.pretrained.embedding_snapshot_uri={ckpt}",
+        f"embeddings.tables.item.pretrained.embedding_snapshot_uri={ckpt}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    second = metrics_of(tmp_path)
+    target = first["eval_auroc"] - 0.005
+
+    def steps_to(curve):
+        return next((p["step"] for p in curve if p["eval_auroc"] >= target), float("inf"))
+
+    assert set(second["pretrained"]) == {"user", "item"}
+    assert steps_to(second["curve"]) < steps_to(first["curve"]), (first["curve"], second["curve"])
+
+
+def test_sweep_over_embedding_dim_writes_summary_and_plot(tmp_path: Path):
+    out = train_cli("-m", "embeddings.embedding_dim=4,8", f"hydra.sweep.dir={tmp_path}", "train.progress=false", "train.max_steps=60", "data.synthetic.num_train=60000", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("job,overrides,eval_auroc")
+    assert len(rows) == 3 and "embeddings.embedding_dim=4" in rows[1] and "embeddings.embedding_dim=8" in rows[2]
+    assert "| eval AUC |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for job, dim in (("0", 4), ("1", 8)):
+        assert metrics_of(tmp_path / job)["embedding_dims"] == {"user": dim, "item": dim}
+
+
+def test_torchrun_two_processes_share_one_run_dir_and_one_checkpoint(tmp_path: Path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found next to the interpreter"
+    out = run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "recap_embed.train", f"hydra.run.dir={tmp_path}",
+         "train.progress=false", "train.max_steps=40", "data.synthetic.num_train=60000", "sharding=table_wise"],
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = metrics_of(tmp_path)
+    assert metrics["world_size"] == 2
+    checkpoints = list((tmp_path / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step_40"]
+    manifest = (checkpoints[0] / ".snapshot_metadata").read_text()
+    assert "0/model" in manifest and "1/model" in manifest  # both ranks wrote their shards
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert sorted(r for t in plan["tables"].values() for r in t["ranks"]) == [0, 1]  # one table per rank
+    log = (tmp_path / "recap_embed_train.log").read_text()
+    assert log.count("eval: auroc=") == 1  # written once, by rank 0
+
+
+def test_example_app_runs_from_a_temporary_directory(tmp_path: Path):
+    app_dir = tmp_path / "ranker"
+    shutil.copytree(REPO / "examples" / "ranker", app_dir)
+    out = run([sys.executable, "app.py", "embeddings.embedding_dim=8", "embeddings/optimizer=rowwise_adagrad", f"hydra.run.dir={tmp_path / 'out'}"], cwd=app_dir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "trained 20 steps" in out.stdout
+    assert "'user': 0.01" in out.stdout and "'tweet': 0.005" in out.stdout  # per-table schedules applied
+
+
+def test_config_only_commands_do_not_import_torch():
+    code = (
+        "import sys, runpy; sys.argv = ['recap-embed-train', '--cfg', 'job'];"
+        "import recap_embed.train.app as app\n"
+        "try:\n    app.main()\nexcept SystemExit:\n    pass\n"
+        "sys.exit(3 if 'torch' in sys.modules else 0)"
+    )
+    out = run([sys.executable, "-c", code], cwd=TESTS)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "embeddings:" in out.stdout
