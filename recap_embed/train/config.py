@@ -72,7 +72,7 @@ class TrainingConfig:
     epochs: int = 3
     max_steps: Optional[int] = None  # stop early (after this many steps)
     eval_every: int = 100  # steps between evaluations (the AUC curve in metrics.json)
-    log_every: int = 50  # steps between table statistics
+    log_every: int = 250  # steps between table statistics
     checkpoint: bool = True  # save a final torchsnapshot checkpoint
     checkpoint_async: bool = False
     progress: bool = True  # progress bar on rank 0
@@ -91,6 +91,9 @@ class TrainAppConfig:
     small_embeddings: Any = MISSING
     stratifiers: Any = MISSING
     sharding: Any = MISSING
+    # Module prefixes (e.g. `my_project.`) whose callables `_target_`s may name, on top of
+    # recap_embed, torchrec, torch.nn, torch.optim and torchmetrics (recap_embed.instantiate).
+    allowed_targets: List[str] = field(default_factory=list)
 
 
 ConfigStore.instance().store(name="recap_embed_train_schema", node=TrainAppConfig, provider="recap_embed")
