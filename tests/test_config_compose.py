@@ -162,7 +162,9 @@ def test_thousand_table_preset_composes_fast_and_linearly(tmp_path: Path):
             GlobalHydra.instance().clear()
         timings[n] = best
         assert len(specs) == n and specs[-1].data_type.name == "fp16"
-    assert timings[1000] < 1.0, timings
+    # The target is 1 s (about 0.55 s on an idle 2-core machine, see BENCHMARKS.md); the test
+    # allows 2 s so that a busy CI machine does not fail it, and checks the growth is linear.
+    assert timings[1000] < 2.0, timings
     # Linear, not quadratic: 10x the tables costs far less than 100x the time.
     assert timings[1000] < 30 * timings[100], timings
 
