@@ -6,38 +6,90 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+from typing import Dict, Iterator, Optional
 
 from recap_embed.config.errors import ConfigError
 
+
+class UserError(Exception):
+    """Marker base of errors whose message is the whole story: a bad input (a config value, a
+    missing or corrupt file), not a bug. Console scripts print the message alone."""
+
+
 #: Errors that mean "the input is wrong": reported as their message alone.
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
+USER_ERRORS = (ConfigError, UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+#: Attribute set on an exception raised by a multi-rank agreement (``pretrained.agree``):
+#: ``{global rank: "Type: message"}`` of every rank that failed.
+RANK_FAILURES = "rank_failures"
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def should_report(error: BaseException, rank: Optional[int] = None) -> bool:
+    """Whether this rank prints `error`: the cause of a failure is printed once in a job.
+
+    Without agreement information every rank reports its own error. After an agreement, a rank
+    that failed reports its error unless a lower rank failed with the same message; a rank that
+    did not fail reports nothing (rank 0 logs one line pointing at the failed ranks instead).
+    """
+    failures: Optional[Dict[int, str]] = getattr(error, RANK_FAILURES, None)
+    if not failures:
+        return True
+    rank = _rank() if rank is None else rank
+    mine = failures.get(rank)
+    return mine is not None and not any(r < rank and m == mine for r, m in failures.items())
 
 
 @contextlib.contextmanager
 def report_and_exit(log: logging.Logger, code: int = 2) -> Iterator[None]:
     """Turn a user error into one logged line and exit `code`; HYDRA_FULL_ERROR=1 re-raises.
 
-    In a multi-process job every rank exits; the message is logged by rank 0, or by the rank
-    that failed when only it did.
+    In a multi-process job every rank exits; the cause is logged once: by the lowest rank that
+    failed with it (rank 0 when all failed alike, the failed rank when only it did). Ranks that
+    stop only because another rank failed exit `code` too, rank 0 saying which rank failed.
     """
     try:
         yield
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - anything else is re-raised below
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        log.error("%s%s", prefix, e)
-        _shutdown()
+        failures = getattr(e, RANK_FAILURES, None) or {}
+        rank = _rank()
+        peer_only = bool(failures) and rank not in failures
+        if not (isinstance(e, USER_ERRORS) or peer_only):
+            raise
+        if peer_only:
+            if rank == 0:
+                ranks = ", ".join(str(r) for r in sorted(failures))
+                log.error("stopped: rank %s failed (its error is reported by that rank)", ranks)
+        elif should_report(e, rank):
+            prefix = f"[rank {rank}] " if rank != 0 and os.environ.get("RANK") is not None else ""
+            log.error("%s%s", prefix, e)
+        _shutdown(code)
         sys.exit(code)
 
 
-def _shutdown() -> None:
+def _shutdown(code: int) -> None:
+    """Leave the process group. With other ranks, exit right away instead: tearing a gloo group
+    down while the peers exit too can abort the process (SIGABRT from a gloo thread that loses
+    its connection) and turn a clean exit status into a crash."""
+    dist = sys.modules.get("torch.distributed")  # never imported: nothing to leave
+    if dist is None:
+        return
     try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() > 1:
+            logging.shutdown()  # flush the run's log file and the console
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        dist.destroy_process_group()
     except Exception:  # pragma: no cover - best effort on the way out
         pass

@@ -7,9 +7,14 @@ function, which first checks every `_target_` in the config against allowed modu
 
 from __future__ import annotations
 
+import importlib
+import re
+import types
 from typing import Any, Iterable, List, Mapping, Tuple
 
 from omegaconf import DictConfig, ListConfig
+
+from recap_embed.config.errors import ConfigError
 
 #: Modules whose callables a config may name by default.
 DEFAULT_ALLOWED_TARGETS: Tuple[str, ...] = (
@@ -41,30 +46,94 @@ def _targets(node: Any, path: str) -> Iterable[Tuple[str, Any]]:
             yield from _targets(value, f"{path}[{i}]")
 
 
+def _qualified_name(obj: Any) -> str:
+    """``module.qualname`` of a class, function or module ('' when it has none)."""
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    return f"{module}.{qualname}" if isinstance(module, str) and isinstance(qualname, str) else ""
+
+
+def _resolve(name: str) -> Any:
+    """What Hydra would call for `name` (it walks attributes as well as modules), or None."""
+    try:
+        from hydra._internal.utils import _locate
+    except ImportError:  # pragma: no cover - a Hydra without it: import as Hydra 1.3 does
+        _locate = None
+    try:
+        if _locate is not None:
+            return _locate(name)
+        module, _, attr = name.rpartition(".")
+        return getattr(importlib.import_module(module), attr)
+    except Exception:  # noqa: BLE001 - not importable: instantiate reports it with the path
+        return None
+
+
 def check_targets(cfg: Any, allowed: Iterable[str] = (), path: str = "") -> None:
     """Raise UntrustedTargetError naming the config path of the first `_target_` not allowed.
 
-    `allowed` adds module prefixes (e.g. ``"my_project."``) to `DEFAULT_ALLOWED_TARGETS`.
+    `allowed` adds module prefixes (e.g. ``"my_project."``) to `DEFAULT_ALLOWED_TARGETS`. A name
+    must start with an allowed prefix, and so must what it resolves to: Hydra walks attributes,
+    so ``recap_embed.errors.os.system`` would otherwise reach ``os.system`` through a module that
+    imports ``os``. Resolving imports the (allowed) modules the names point into; nothing is called.
     """
     prefixes: List[str] = [*DEFAULT_ALLOWED_TARGETS, *(p if p.endswith(".") else p + "." for p in allowed)]
+
+    def ok(name: str) -> bool:
+        return bool(name) and any(name.startswith(p) for p in prefixes)
+
+    def refuse(where: str, what: str) -> UntrustedTargetError:
+        return UntrustedTargetError(
+            f"{where}: _target_ {what} is not allowed; allowed prefixes: {', '.join(prefixes)} "
+            f"(add your own module with `allowed_targets`)"
+        )
+
     for where, target in _targets(cfg, path):
-        name = target.__module__ + "." + target.__qualname__ if callable(target) else str(target)
-        if not any(name.startswith(p) for p in prefixes):
-            raise UntrustedTargetError(
-                f"{where}: _target_ {name!r} is not allowed; allowed prefixes: {', '.join(prefixes)} "
-                f"(add your own module with `allowed_targets`)"
-            )
+        if callable(target) or isinstance(target, types.ModuleType):
+            name = _qualified_name(target) or repr(target)
+            if not ok(name):
+                raise refuse(where, repr(name))
+            continue
+        name = str(target)
+        if not ok(name):
+            raise refuse(where, repr(name))
+        obj = _resolve(name)
+        if obj is not None:
+            real = _qualified_name(obj)
+            if not ok(real):
+                raise refuse(where, f"{name!r} (which is {real or type(obj).__name__!r})")
 
 
 def instantiate(cfg: Any, *args: Any, allowed_targets: Iterable[str] = (), **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate` after `check_targets`; the config path is kept for messages."""
+    """`hydra.utils.instantiate` after `check_targets`; the config path is kept for messages.
+
+    A bad-input error the target raises (`recap_embed.errors.USER_ERRORS`) is re-raised as it
+    is, not wrapped in Hydra's InstantiationException.
+    """
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
+
+    from recap_embed.errors import USER_ERRORS
 
     prefix = ""
     if isinstance(cfg, DictConfig) and cfg._get_parent() is not None:
         prefix = str(cfg._get_full_key(None) or "")
     check_targets(cfg, allowed_targets, prefix)
-    return hydra_instantiate(cfg, *args, **kwargs)
+    try:
+        return hydra_instantiate(cfg, *args, **kwargs)
+    except InstantiationException as e:
+        # Hydra wraps what the target raised in "Error in call to target ...: VocabError('...')";
+        # a bad input is reported as its own (path-naming) message instead.
+        cause = e.__cause__
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        located = re.match(r"Error locating target '([^']*)'.*?(?:full_key: (\S+))?\Z", str(e), re.S)
+        if isinstance(cause, ImportError) and located:
+            target, key = located.group(1), located.group(2) or prefix
+            detail = " ".join(str(cause).split())
+            raise ConfigError(f"{key + '.' if key else ''}_target_: {target!r} cannot be imported ({detail})") from None
+        raise
 
 
 __all__ = ["DEFAULT_ALLOWED_TARGETS", "UntrustedTargetError", "check_targets", "instantiate"]

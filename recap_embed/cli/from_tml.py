@@ -2,12 +2,14 @@
 
 Writes `<out>/embeddings/<name>.yaml`, `<out>/small_embeddings/<name>.yaml` and
 `<out>/stratifiers/<name>.yaml` (those the file has), selectable as `embeddings=<name>`.
-Every failure is one line on stderr and exit status 2, so scripts can tell it from a crash.
+Every failure is one line on stderr and exit status 2, so scripts can tell it from a crash
+(with HYDRA_FULL_ERROR=1, as in the Hydra apps, the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -64,12 +66,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return _run(args)
-    except TmlConversionError as e:
-        _error(f"{args.file}: {e}")
-    except (_Failure, FileExistsError, ValueError) as e:
-        _error(str(e))
-    except OSError as e:
-        _error(f"{e.filename or args.file}: {e.strerror or e}")
+    except (_Failure, ValueError, OSError):
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # as in the Hydra apps: the whole traceback
+            raise
+        e = sys.exc_info()[1]
+        if isinstance(e, TmlConversionError):
+            _error(f"{args.file}: {e}")
+        elif isinstance(e, (_Failure, FileExistsError, ValueError)):
+            _error(str(e))
+        else:
+            _error(f"{e.filename or args.file}: {e.strerror or e}")
     return EXIT_ERROR
 
 

@@ -66,7 +66,10 @@ def to_container(cfg: Any, schema: Optional[Type[Any]] = None) -> Dict[str, Any]
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"{key}: cannot be resolved: {getattr(e, 'msg', e)}") from None
+        first = (str(getattr(e, "msg", "") or e).strip().splitlines() or [type(e).__name__])[0]
+        error = ConfigError(f"{key}: cannot be resolved: {first}")
+        error.path = str(key)  # type: ignore[attr-defined]
+        raise error from None
 
 
 def config_prefix(cfg: Any, default: str) -> str:
@@ -98,7 +101,8 @@ def parse_section(cfg: Any, schema: Type[T], prefix: str, problems: Problems) ->
     try:
         values = to_container(cfg, schema)
     except ConfigError as e:
-        problems.append((prefix, str(e)))
+        path = getattr(e, "path", None)
+        problems.append((path, str(e)[len(path) + 2 :]) if path and path != "?" else (prefix, str(e)))
         return None
     return from_mapping(schema, values, prefix, problems)
 

@@ -14,6 +14,18 @@ Where a table goes, by precedence:
 When every table is placed explicitly the plan is built with torchrec's
 ``construct_module_sharding_plan`` and the planner does not run.
 
+Planner settings (`make_planner`, shared by `shard` and ``recap-embed-plan`` so both plan alike):
+torchrec's ``EmbeddingShardingPlanner`` with its default perf model, computed once per distinct
+shard (`memo_perf_estimator`: the same numbers, without re-evaluating the identical shards of a
+row-wise or data-parallel option on every rank). Big searches, more than `LARGE_SEARCH` tables ×
+ranks, are narrowed, because torchrec's cost grows with the shards it enumerates and copies
+(data_parallel and row_wise options hold one shard per rank) and its default proposers walk every
+option of every table: tables without sharding-type constraints are offered data_parallel only up
+to `DP_MAX_BYTES` and row_wise only when they do not fit on one device; on CUDA, tables without
+kernel constraints get the HBM kernel (``fused``; UVM only when asked); a single
+``GreedyProposer(threshold=GREEDY_THRESHOLD)`` proposes, giving up after `MAX_FAILED_PROPOSALS`
+proposals in a row that do not fit, within `PLANNER_TIMEOUT_S`.
+
 Plan file format (version 1), keyed by table key (the key under ``embeddings.tables``)::
 
     {
@@ -51,6 +63,8 @@ from recap_embed.config import (
     ComputeKernel,
     ConfigError,
     ConfigValidationError,
+    DataType,
+    OptimizerAlgorithm,
     ShardingConfig,
     ShardingType,
     TablePlacement,
@@ -60,18 +74,31 @@ from recap_embed.config.resolve import config_prefix, parse_section
 
 __all__ = [
     "CPU_COMPUTE_KERNELS",
+    "DP_MAX_BYTES",
+    "GREEDY_THRESHOLD",
+    "LARGE_SEARCH",
+    "MAX_FAILED_PROPOSALS",
+    "PLANNER_TIMEOUT_S",
     "PLAN_FORMAT",
     "PLAN_VERSION",
+    "STORAGE_MARGIN",
     "PlanFile",
+    "PlannerSetup",
+    "apply_explicit_placements",
     "build_constraints",
     "build_plan",
     "build_topology",
+    "element_bytes",
     "explicit_placements",
     "load_plan_file",
+    "make_planner",
+    "memo_perf_estimator",
+    "optimizer_state_bytes",
     "placement_generator",
     "resolve_device",
     "save_plan_file",
     "sharding_values",
+    "table_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +110,61 @@ PLAN_VERSION = 1
 CPU_COMPUTE_KERNELS = frozenset({ComputeKernel.fused, ComputeKernel.dense})
 
 _GB = 1024**3
+
+#: Above this many tables × ranks the planner's search is narrowed (see the module doc).
+LARGE_SEARCH = 4096
+#: In a narrowed search, data_parallel is offered only to tables up to this size (weights and
+#: optimizer state): every rank holds a replica and all-reduces its gradient each step, which
+#: torchrec's perf model already rates worse than table_wise above a few thousand rows.
+DP_MAX_BYTES = 1 << 20
+#: In a narrowed search, the proposer stops after this many successive plans that are no better.
+GREEDY_THRESHOLD = 3
+#: In a narrowed search, the proposer gives up after this many proposals in a row that do not fit
+#: (torchrec's greedy proposer otherwise walks every option of every table when nothing fits).
+MAX_FAILED_PROPOSALS = 10
+#: In a narrowed search, the planner stops proposing after this many seconds (keeping its best plan).
+PLANNER_TIMEOUT_S = 120
+#: Share of each device's HBM the planner keeps free (torchrec's heuristic reservation margin).
+STORAGE_MARGIN = 0.15
+
+
+# --------------------------------------------------------------------------- memory of a table
+
+#: Bytes of one weight element per data type.
+_ELEMENT_BYTES = {DataType.fp32: 4, DataType.fp16: 2}
+#: Optimizer state floats (fp32) per element and per row, per algorithm.
+_STATE_PER_ELEMENT = {
+    OptimizerAlgorithm.sgd: 0,
+    OptimizerAlgorithm.adagrad: 1,
+    OptimizerAlgorithm.rowwise_adagrad: 0,
+    OptimizerAlgorithm.adam: 2,
+    OptimizerAlgorithm.partial_rowwise_adam: 1,
+    OptimizerAlgorithm.lamb: 2,
+}
+_STATE_PER_ROW = {OptimizerAlgorithm.rowwise_adagrad: 1, OptimizerAlgorithm.partial_rowwise_adam: 1}
+
+
+def element_bytes(data_type: Union[DataType, str]) -> int:
+    """Bytes of one weight element: fp32 4, fp16 2."""
+    dt = data_type if isinstance(data_type, DataType) else DataType[str(data_type)]
+    return _ELEMENT_BYTES[dt]
+
+
+def optimizer_state_bytes(algorithm: Union[OptimizerAlgorithm, str], rows: int, cols: int) -> int:
+    """Bytes of optimizer state for a block of `rows` × `cols` (a table or one shard).
+
+    One fp32 per element for adagrad, two for adam and lamb, one per row for rowwise_adagrad, one
+    per element plus one per row for partial_rowwise_adam, none for sgd. Row-wise state on column
+    shards is kept per row *of each shard*, so sum this over the shards of a placed table.
+    """
+    a = algorithm if isinstance(algorithm, OptimizerAlgorithm) else OptimizerAlgorithm[str(algorithm)]
+    return 4 * (int(rows) * int(cols) * _STATE_PER_ELEMENT[a] + int(rows) * _STATE_PER_ROW.get(a, 0))
+
+
+def table_bytes(spec: TableSpec) -> Tuple[int, int]:
+    """``(weights, optimizer state)`` bytes of a whole (unsharded) table; rows must be known."""
+    rows, dim = int(spec.num_embeddings or 0), int(spec.embedding_dim)
+    return rows * dim * element_bytes(spec.data_type), optimizer_state_bytes(spec.optimizer.algorithm, rows, dim)
 
 
 # --------------------------------------------------------------------------- config values
@@ -165,11 +247,15 @@ def save_plan_file(
         doc["world_size"] = int(world_size)
     if device_type is not None:
         doc["device_type"] = str(device_type)
-    doc["tables"] = {key: _placement_dict(p) for key, p in placements.items()}
+    tables = {key: _placement_dict(p) for key, p in placements.items()}
+    # One line per table (a row-wise table lists every rank): readable and diffable at any size.
+    head = json.dumps(doc, indent=2)[:-2]
+    body = ",\n".join(f"    {json.dumps(key)}: {json.dumps(entry)}" for key, entry in tables.items())
+    text = head + ',\n  "tables": {' + (f"\n{body}\n  " if body else "") + "}\n}\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -376,12 +462,16 @@ def build_constraints(
     specs: List[TableSpec],
     device_type: str,
     explicit: Optional[Mapping[str, TablePlacement]] = None,
+    *,
+    default_pooling_factor: Optional[float] = None,
 ) -> Dict[str, Any]:
     """torchrec ``ParameterConstraints`` per table name from the global and per-table settings.
 
-    A table placed explicitly is pinned to its sharding type and kernel (so the planner's memory
-    accounting sees it roughly where it will be). Raises ConfigValidationError when a table's
-    allowed sharding types and kernels leave no combination the device can run.
+    A table placed explicitly is pinned to its sharding type and kernel, and a column-wise one to
+    its number of column shards, so the planner's memory accounting sees it where it will be.
+    `default_pooling_factor` is the pooling factor of tables that set none (torchrec's default: 1).
+    Raises ConfigValidationError when a table's allowed sharding types and kernels leave no
+    combination the device can run.
     """
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import CacheParams
@@ -419,6 +509,11 @@ def build_constraints(
             kwargs["compute_kernels"] = [ck.value for ck in kernels]
         if t is not None and t.pooling_factor is not None:
             kwargs["pooling_factors"] = [float(t.pooling_factor)] * len(spec.feature_names)
+        elif default_pooling_factor is not None:
+            kwargs["pooling_factors"] = [float(default_pooling_factor)] * len(spec.feature_names)
+        placed = explicit.get(spec.name)
+        if placed is not None and placed.sharding_type in (ShardingType.column_wise, ShardingType.table_column_wise) and placed.ranks:
+            kwargs["min_partition"] = spec.embedding_dim // len(placed.ranks)  # checked: equal multiples of 4
         if t is not None and t.cache_load_factor is not None:
             if device_type == "cuda":
                 kwargs["cache_params"] = CacheParams(load_factor=float(t.cache_load_factor))
@@ -447,10 +542,10 @@ def build_topology(
     return TopologyFactory.create_topology(trainer, kernel_config=KernelConfig(compute_device=device_type))
 
 
-# --------------------------------------------------------------------------- the plan
+# --------------------------------------------------------------------------- planner settings
 
 
-def _storage_reservation(model: nn.Module, percentage: float = 0.15) -> Any:
+def _storage_reservation(model: nn.Module, percentage: float = STORAGE_MARGIN) -> Any:
     """torchrec's default reservation, given the dense size from parameter shapes (known on meta).
 
     Same heuristic as torchrec (6x the dense parameter bytes: weights, optimizer state, DDP
@@ -469,11 +564,262 @@ def _storage_reservation(model: nn.Module, percentage: float = 0.15) -> Any:
         return HeuristicalStorageReservation(percentage=percentage, dense_tensor_estimate=max(1, 6 * dense))
 
 
+_MEMO_CLASS: Optional[type] = None
+
+
+def _memo_class() -> Optional[type]:
+    """A subclass of torchrec's perf estimator that evaluates each distinct shard context once.
+
+    torchrec 1.8 evaluates every shard separately (~0.5 ms each); a row-wise or data-parallel
+    option over 512 ranks holds 512 shards whose contexts are equal. The context
+    (``ShardPerfContext``: sizes, batch, pooling, bandwidths, flags) is all an evaluator reads, so
+    equal contexts give equal perfs: the numbers are exactly torchrec's. None when this torchrec
+    lacks the pieces (then torchrec's own estimator is used).
+    """
+    global _MEMO_CLASS
+    if _MEMO_CLASS is not None:
+        return _MEMO_CLASS
+    try:
+        from torchrec.distributed.planner.estimator.estimator import (
+            EmbeddingPerfEstimator,
+            get_embedding_perf_sharding_evaluator,
+        )
+        from torchrec.distributed.planner.estimator.types import ShardPerfContext
+    except ImportError:  # pragma: no cover - another torchrec layout
+        return None
+
+    class MemoPerfEstimator(EmbeddingPerfEstimator):  # type: ignore[misc, valid-type]
+        def estimate(self, sharding_options: List[Any], sharder_data_map: Any) -> None:
+            done: Dict[Tuple[Any, ...], List[Tuple[Any, Any]]] = {}
+            for option in sharding_options:
+                self._config.validate_sharding_type(option.sharding_type)
+                shard_sizes = [shard.size for shard in option.shards]
+                contexts = ShardPerfContext.build_shard_perf_contexts(
+                    config=self._config,
+                    shard_sizes=shard_sizes,
+                    sharding_option=option,
+                    topology=self._topology,
+                    constraints=self._constraints,
+                    sharder_data=sharder_data_map[option.module_type_key],
+                    is_inference=self._is_inference,
+                    use_batch_inputs_for_expected_cache_fetches=self._use_batch_inputs_for_expected_cache_fetches,
+                    use_linear_regression_prefetch_estimate=self._use_linear_regression_prefetch_estimate,
+                )
+                if contexts:
+                    option.is_weighted = contexts[0].is_weighted
+                for shard, ctx in zip(option.shards, contexts):
+                    evaluator = get_embedding_perf_sharding_evaluator(sharding_type=ctx.sharding_type, is_inference=ctx.is_inference)
+                    bucket = done.setdefault((type(evaluator), ctx.table_name, ctx.hash_size, ctx.emb_dim), [])
+                    perf = next((p for c, p in bucket if c.__dict__ == ctx.__dict__), None)
+                    if perf is None:
+                        perf = evaluator.compute_perf(ctx=ctx, config=self._config)
+                        bucket.append((ctx, perf))
+                    shard.perf = dataclasses.replace(perf)
+                perfs = self._config.post_process_perfs(
+                    shard_perfs=[shard.perf for shard in option.shards if shard.perf is not None],
+                    shard_sizes=shard_sizes,
+                    sharding_type=option.sharding_type,
+                    uneven_sharding_perf_multiplier=self._topology.uneven_sharding_perf_multiplier,
+                )
+                for shard, perf in zip(option.shards, perfs):
+                    shard.perf = perf
+
+    _MEMO_CLASS = MemoPerfEstimator
+    return _MEMO_CLASS
+
+
+def memo_perf_estimator(topology: Any, constraints: Optional[Dict[str, Any]]) -> Any:
+    """torchrec's default perf estimator, evaluating each distinct shard once (same numbers)."""
+    from torchrec.distributed.planner.constants import DEFAULT_PERF_ESTIMATOR
+    from torchrec.distributed.planner.estimator.estimator import EmbeddingPerfEstimatorFactory
+
+    default = EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR, topology=topology, constraints=constraints)
+    cls = _memo_class()
+    if cls is None or type(default) is not cls.__mro__[1]:  # pragma: no cover - another torchrec
+        return default
+    return cls(topology=topology, constraints=constraints, config=default.config)
+
+
+def _bounded_proposer(inner: Any, max_failures: int) -> Any:
+    """`inner` (a torchrec Proposer) that stops after `max_failures` unpartitionable proposals in a row."""
+    from torchrec.distributed.planner.types import Proposer
+
+    class BoundedProposer(Proposer):
+        def __init__(self) -> None:
+            self.inner, self.failures = inner, 0
+
+        def load(self, search_space: List[Any], enumerator: Optional[Any] = None) -> None:
+            self.failures = 0
+            self.inner.load(search_space=search_space, enumerator=enumerator)
+
+        def propose(self) -> Optional[List[Any]]:
+            return None if self.failures >= max_failures else self.inner.propose()
+
+        def feedback(self, partitionable: bool, plan: Optional[List[Any]] = None, perf_rating: Optional[float] = None,
+                     storage_constraint: Optional[Any] = None) -> None:
+            self.failures = 0 if partitionable else self.failures + 1
+            self.inner.feedback(partitionable=partitionable, plan=plan, perf_rating=perf_rating, storage_constraint=storage_constraint)
+
+    BoundedProposer.__name__ = type(inner).__name__  # torchrec logs proposers by class name
+    return BoundedProposer()
+
+
+@dataclass
+class PlannerSetup:
+    """A configured torchrec planner and what was chosen for it (see `make_planner`)."""
+
+    planner: Any  # torchrec EmbeddingShardingPlanner
+    topology: Any  # its Topology
+    constraints: Dict[str, Any]  # ParameterConstraints per table name, as the planner sees them
+    narrowed: bool  # the search was narrowed (more than LARGE_SEARCH tables × ranks)
+    hbm_only: List[str] = field(default_factory=list)  # tables the narrowing kept on HBM kernels
+    notes: List[str] = field(default_factory=list)  # the settings, in words
+
+
+def _narrow_search(
+    constraints: Dict[str, Any],
+    values: ShardingConfig,
+    specs: List[TableSpec],
+    device_type: str,
+    topology: Any,
+    explicit: Mapping[str, TablePlacement],
+) -> List[str]:
+    """Restrict tables the user left unconstrained (see the module doc); returns the tables kept
+    on HBM kernels. Edits `constraints` in place."""
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    device = topology.devices[0].storage
+    per_device = int(device.hbm * (1 - STORAGE_MARGIN)) if device_type == "cuda" else int(device.ddr)
+    supported = [t for t in (ShardingType if device_type == "cuda" else CPU_SHARDING_TYPES) if t is not ShardingType.grid_shard]
+    hbm_only: List[str] = []
+    for spec in specs:
+        if spec.name in explicit:
+            continue
+        t = values.tables.get(spec.key)
+        changes: Dict[str, Any] = {}
+        if not ((t.sharding_types if t else None) or values.sharding_types):
+            size = sum(table_bytes(spec))
+            types = [
+                st for st in supported
+                if not (st is ShardingType.data_parallel and size > DP_MAX_BYTES)
+                and not (st is ShardingType.row_wise and size <= per_device)
+            ]
+            changes["sharding_types"] = [st.value for st in types]
+        if device_type == "cuda" and not ((t.compute_kernels if t else None) or values.compute_kernels):
+            changes["compute_kernels"] = [ComputeKernel.fused.value, ComputeKernel.dense.value]
+            hbm_only.append(spec.name)
+        if changes:
+            current = constraints.get(spec.name)
+            constraints[spec.name] = dataclasses.replace(current, **changes) if current is not None else ParameterConstraints(**changes)
+    return hbm_only
+
+
+def make_planner(
+    model: nn.Module,
+    values: ShardingConfig,
+    prefix: str,
+    specs: List[TableSpec],
+    *,
+    world_size: int,
+    device_type: str,
+    local_world_size: Optional[int] = None,
+    explicit: Optional[Mapping[str, TablePlacement]] = None,
+    default_pooling_factor: Optional[float] = None,
+    stats: Optional[Any] = None,
+) -> PlannerSetup:
+    """torchrec's ``EmbeddingShardingPlanner`` for `model` with recap_embed's settings.
+
+    Constraints from `build_constraints`, topology from `build_topology`, the storage reservation
+    of the dense part of `model`, `memo_perf_estimator`, and, for more than `LARGE_SEARCH`
+    tables × ranks, the narrowed search described in the module doc. `stats`: torchrec ``Stats``
+    objects (default: torchrec's EmbeddingStats, which logs the plan). Nothing is planned yet:
+    call ``setup.planner.plan(model, sharders)`` (or ``collective_plan``).
+    """
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+    from torchrec.distributed.planner.proposers import GreedyProposer
+    from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
+
+    explicit = explicit or {}
+    local_size = local_world_size or world_size
+    batch_size = int(values.batch_size)
+    topology = build_topology(values, world_size=world_size, device_type=device_type, local_world_size=local_size)
+    constraints = build_constraints(values, prefix, specs, device_type, explicit, default_pooling_factor=default_pooling_factor)
+    narrowed = len(specs) * world_size > LARGE_SEARCH
+    hbm_only: List[str] = []
+    notes = ["torchrec EmbeddingShardingPlanner, perf model evaluated once per distinct shard"]
+    kwargs: Dict[str, Any] = {}
+    if narrowed:
+        hbm_only = _narrow_search(constraints, values, specs, device_type, topology, explicit)
+        proposer = _bounded_proposer(GreedyProposer(threshold=GREEDY_THRESHOLD), MAX_FAILED_PROPOSALS)
+        kwargs.update(proposer=[proposer], timeout_seconds=PLANNER_TIMEOUT_S)
+        notes.append(
+            f"narrowed search ({len(specs)} tables × {world_size} ranks > {LARGE_SEARCH}): unconstrained tables get "
+            f"data_parallel only up to {DP_MAX_BYTES / 2**20:g} MiB, row_wise only when larger than one device"
+            + (", HBM kernels only (fused)" if hbm_only else "")
+            + f"; GreedyProposer(threshold={GREEDY_THRESHOLD}), giving up after {MAX_FAILED_PROPOSALS} failed "
+            f"proposals in a row or {PLANNER_TIMEOUT_S} s"
+        )
+    else:
+        notes.append("torchrec's default proposers (grid search, greedy, uniform)")
+    enumerator = EmbeddingEnumerator(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=constraints,
+        estimator=[memo_perf_estimator(topology, constraints), EmbeddingStorageEstimator(topology=topology, constraints=constraints)],
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        enumerator=enumerator,
+        constraints=constraints,
+        storage_reservation=_storage_reservation(model),
+        stats=stats,
+        debug=False,
+        **kwargs,
+    )
+    return PlannerSetup(planner=planner, topology=topology, constraints=constraints, narrowed=narrowed, hbm_only=hbm_only, notes=notes)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
 def _other_shardable_modules(model: nn.Module, ours: set) -> List[str]:
     from torchrec.distributed.sharding_plan import get_module_to_default_sharders
 
     types = tuple(get_module_to_default_sharders())
     return [path for path, m in model.named_modules() if isinstance(m, types) and path not in ours]
+
+
+def _ebc_paths(model: nn.Module) -> Dict[str, Any]:
+    """``{module path of the EBC: LargeEmbeddings}`` as keys of a torchrec ShardingPlan."""
+    from recap_embed.optim.fused import large_embeddings
+
+    return {(f"{path}." if path else "") + "ebc": le for path, le in large_embeddings(model)}
+
+
+def apply_explicit_placements(
+    plan: Any,
+    model: nn.Module,
+    explicit: Mapping[str, TablePlacement],
+    *,
+    world_size: int,
+    device_type: str,
+    local_world_size: Optional[int] = None,
+) -> Any:
+    """Replace the planner's choice for every explicitly placed table (name -> placement) in
+    `plan` (a torchrec ShardingPlan, edited in place and returned)."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    local_size = local_world_size or world_size
+    sharder = EmbeddingBagCollectionSharder()
+    for path, le in _ebc_paths(model).items():
+        params = sharder.shardable_parameters(le.ebc)
+        for s in le.specs:
+            if s.name in explicit:
+                gen = placement_generator(explicit[s.name], local_size)
+                plan.plan[path][s.name] = gen(params[s.name], local_size, world_size, device_type, sharder)
+    return plan
 
 
 def build_plan(
@@ -491,20 +837,16 @@ def build_plan(
     `explicit` (table name -> placement) defaults to the checked placements of the config. With
     `pg` and more than one rank the planner runs on rank 0 and the plan is broadcast.
     """
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, get_default_sharders
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, get_default_sharders
     from torchrec.distributed.types import ShardingPlan
-
-    from recap_embed.optim.fused import large_embeddings
 
     prefix, values = sharding_values(sharding_cfg)
     local_size = local_world_size or world_size
-    modules = large_embeddings(model)
-    specs = [s for _, le in modules for s in le.specs]
+    ebc_paths = _ebc_paths(model)
+    specs = [s for le in ebc_paths.values() for s in le.specs]
     if explicit is None:
         explicit = explicit_placements(values, prefix, specs, world_size=world_size, device_type=device_type, local_size=local_size)
-    ebc_paths = {(f"{path}." if path else "") + "ebc": le for path, le in modules}
     sharder = EmbeddingBagCollectionSharder()
     everything_placed = all(s.name in explicit for s in specs) and not _other_shardable_modules(model, set(ebc_paths))
     if everything_placed:
@@ -522,23 +864,13 @@ def build_plan(
             }
         )
         return plan
-    constraints = build_constraints(values, prefix, specs, device_type, explicit)
-    planner = EmbeddingShardingPlanner(
-        topology=build_topology(values, world_size=world_size, device_type=device_type, local_world_size=local_size),
-        batch_size=int(values.batch_size),
-        constraints=constraints,
-        storage_reservation=_storage_reservation(model),
-        debug=False,
+    setup = make_planner(
+        model, values, prefix, specs,
+        world_size=world_size, device_type=device_type, local_world_size=local_size, explicit=explicit,
     )
     sharders = get_default_sharders()
     if pg is not None and world_size > 1:
-        plan = planner.collective_plan(model, sharders, pg)
+        plan = setup.planner.collective_plan(model, sharders, pg)
     else:
-        plan = planner.plan(model, sharders)
-    for path, le in ebc_paths.items():
-        params = sharder.shardable_parameters(le.ebc)
-        for s in le.specs:
-            if s.name in explicit:
-                gen = placement_generator(explicit[s.name], local_size)
-                plan.plan[path][s.name] = gen(params[s.name], local_size, world_size, device_type, sharder)
-    return plan
+        plan = setup.planner.plan(model, sharders)
+    return apply_explicit_placements(plan, model, explicit, world_size=world_size, device_type=device_type, local_world_size=local_size)

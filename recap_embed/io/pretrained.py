@@ -114,9 +114,11 @@ from torchsnapshot.serialization import Serializer, string_to_dtype
 from torchsnapshot.storage_plugin import url_to_storage_plugin_in_event_loop
 
 from recap_embed.config import TableSpec
+from recap_embed.errors import RANK_FAILURES, UserError
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "check_pretrained",
     "LoadReport",
     "PretrainedError",
     "SnapshotLoadError",
@@ -144,11 +146,11 @@ class SnapshotLoadError(RuntimeError):
     """Loading from a torchsnapshot failed; the message names the snapshot and what to do."""
 
 
-class SnapshotReadError(SnapshotLoadError):
+class SnapshotReadError(SnapshotLoadError, UserError):
     """The snapshot is missing, incomplete, truncated or corrupt, or a file cannot be read."""
 
 
-class PretrainedError(SnapshotLoadError):
+class PretrainedError(SnapshotLoadError, UserError):
     """The snapshot does not hold what the config asks for (name, shape, entry type)."""
 
 
@@ -762,19 +764,30 @@ def agree(error: Optional[BaseException], pg: Any = None, *, enabled: bool = Tru
     """Raise on every rank when any rank failed (one ``all_gather_object`` when `enabled`).
 
     A rank that failed raises its own exception; the others raise `SnapshotLoadError` quoting
-    the failed ranks' messages. Without `enabled` (one process) it just re-raises `error`.
+    the failed ranks' messages. Either carries ``rank_failures`` (``{global rank: message}``),
+    which `recap_embed.errors.report_and_exit` uses to print each cause once per job. Without
+    `enabled` (one process) it just re-raises `error`.
     """
-    if enabled:
-        gathered: List[Optional[str]] = [None] * dist.get_world_size(pg)
-        dist.all_gather_object(gathered, None if error is None else f"{type(error).__name__}: {error}", group=pg)
-        failed = [(r, e) for r, e in enumerate(gathered) if e]
-    else:
-        failed = [(0, str(error))] if error is not None else []
-    if error is not None:
-        raise error
-    if failed:
+    if not enabled:
+        if error is not None:
+            raise error
+        return
+    gathered: List[Optional[str]] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(gathered, None if error is None else f"{type(error).__name__}: {error}", group=pg)
+    failed = [(r, e) for r, e in enumerate(gathered) if e]
+    if not failed:
+        return
+    # Global ranks of the failures, so that the job can print each cause once (see
+    # `recap_embed.errors.report_and_exit`).
+    failures = {(dist.get_global_rank(pg, r) if pg is not None else r): e for r, e in failed}
+    if error is None:
         lines = "\n".join(f"  rank {r}: {e}" for r, e in failed)
-        raise SnapshotLoadError(f"failed on {len(failed)} other rank(s):\n{lines}")
+        error = SnapshotLoadError(f"failed on {len(failed)} other rank(s):\n{lines}")
+    try:
+        setattr(error, RANK_FAILURES, failures)
+    except AttributeError:  # pragma: no cover - an exception type with __slots__
+        pass
+    raise error
 
 
 # --------------------------------------------------------------------------- load_pretrained
@@ -847,7 +860,7 @@ def load_pretrained(
             for spec in wanted:
                 jobs.append(_plan_table(spec, weights, readers, storage_options))
             for job in jobs:
-                job.reader.check_files(job.plan.pieces())
+                _check_files(job.reader, job.plan.pieces(), job.what)
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement
             error = e
         agree(error, pg, enabled=multi)
@@ -895,6 +908,72 @@ def load_pretrained(
     return reports
 
 
+def _open_source(spec: TableSpec, readers: Dict[str, SnapshotReader], storage_options: Any) -> Tuple[SnapshotReader, SourceTensor]:
+    """The snapshot a spec names (opened once per URI) and its entry for the table."""
+    pre = spec.pretrained
+    what = f"{spec.path}.pretrained"
+    uri = str(pre.embedding_snapshot_uri)
+    if uri not in readers:
+        try:
+            readers[uri] = SnapshotReader(uri, storage_options)
+        except SnapshotReadError as e:
+            raise SnapshotReadError(f"{what}.embedding_snapshot_uri: {e}") from None
+    reader = readers[uri]
+    try:
+        return reader, reader.find_table(pre.emb_name or spec.name)
+    except PretrainedError as e:
+        raise PretrainedError(f"{what}: {e}") from None
+
+
+def _check_files(reader: SnapshotReader, pieces: Iterable[Piece], what: str) -> None:
+    try:
+        reader.check_files(pieces)
+    except SnapshotReadError as e:
+        raise SnapshotReadError(f"{what}.embedding_snapshot_uri: {e}") from None
+
+
+def check_pretrained(specs: Iterable[TableSpec], *, storage_options: Optional[Dict[str, Any]] = None) -> None:
+    """Before any table exists: every ``pretrained`` the specs name can be loaded, as far as the
+    manifests and file sizes tell.
+
+    Checks that each snapshot opens, holds the table (the matching rules of `load_pretrained`)
+    as a 2-D float tensor with the spec's embedding dim (and its rows, when the spec knows them
+    and ``allow_partial_rows`` is off), and that the files holding it exist and are long enough.
+    Reads manifests and file sizes only; not collective. Raises `PretrainedError` or
+    `SnapshotReadError` naming the config path, like `load_pretrained` (which checks again).
+    """
+    readers: Dict[str, SnapshotReader] = {}
+    try:
+        for spec in specs:
+            pre = spec.pretrained
+            if pre is None:
+                continue
+            what = f"{spec.path}.pretrained"
+            emb_name = pre.emb_name or spec.name
+            reader, source = _open_source(spec, readers, storage_options)
+            if len(source.shape) != 2 or source.dtype not in _FLOAT_DTYPES:
+                raise PretrainedError(
+                    f"{what}: {source.describe} is a {list(source.shape)} {source.dtype} tensor; a table "
+                    f"must be a 2-D float tensor"
+                )
+            if source.shape[1] != spec.embedding_dim:
+                raise PretrainedError(
+                    f"{what}: embedding dim differs: snapshot table {emb_name!r} ({source.describe}) has shape "
+                    f"{list(source.shape)}, table {spec.name!r} has embedding_dim {spec.embedding_dim}"
+                )
+            rows = spec.num_embeddings
+            if rows is not None and source.shape[0] != rows and not pre.allow_partial_rows:
+                raise PretrainedError(
+                    f"{what}: row count differs: snapshot table {emb_name!r} ({source.describe}) has shape "
+                    f"{list(source.shape)}, table {spec.name!r} has {rows} rows; set "
+                    f"{what}.allow_partial_rows=true to copy the first {min(rows, source.shape[0])} rows"
+                )
+            _check_files(reader, source.pieces, what)
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
 def _plan_table(spec: TableSpec, weights: Mapping[str, Tuple[str, torch.Tensor]], readers: Dict[str, SnapshotReader], storage_options: Any) -> _Job:
     pre = spec.pretrained
     what = f"{spec.path}.pretrained"
@@ -904,18 +983,8 @@ def _plan_table(spec: TableSpec, weights: Mapping[str, Tuple[str, torch.Tensor]]
             f"embedding_bags.{spec.name}.weight; tables found: {sorted(weights)})"
         )
     key, value = weights[spec.name]
-    uri = str(pre.embedding_snapshot_uri)
     emb_name = pre.emb_name or spec.name
-    if uri not in readers:
-        try:
-            readers[uri] = SnapshotReader(uri, storage_options)
-        except SnapshotReadError as e:
-            raise SnapshotReadError(f"{what}.embedding_snapshot_uri: {e}") from None
-    reader = readers[uri]
-    try:
-        source = reader.find_table(emb_name)
-    except PretrainedError as e:
-        raise PretrainedError(f"{what}: {e}") from None
+    reader, source = _open_source(spec, readers, storage_options)
     dest_shape = global_shape(value)
     dest_dtype = value.dtype
     if len(source.shape) != 2 or len(dest_shape) != 2:

@@ -19,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from recap_embed.config import validate
+from recap_embed.config import ConfigError, table_specs, validate
+from recap_embed.errors import RANK_FAILURES
 from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
-from recap_embed.instantiate import instantiate
-from recap_embed.io.checkpoint import save_checkpoint
-from recap_embed.io.pretrained import load_pretrained
-from recap_embed.io.vocab import VocabMapper
+from recap_embed.instantiate import check_targets, instantiate
+from recap_embed.io.checkpoint import PendingCheckpoint, save_checkpoint
+from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
+from recap_embed.io.vocab import Vocab, VocabMapper
 from recap_embed.modules import StratifiedMetrics, table_stats
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
@@ -47,18 +48,50 @@ def init_distributed(device_type: str) -> None:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+#: Sparse features of the app's batches (`data.make_batch`): one raw id per example each.
+SPARSE_FEATURES = ("user", "item")
+
+
+def all_ranks(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` on every rank, then an agreement: when any rank failed, every rank raises
+    (the failed ones their own error), so no rank is left waiting in a later collective and
+    each cause is printed once (`recap_embed.errors.report_and_exit`)."""
+    error, result = None, None
+    try:
+        result = fn(*args)
+    except Exception as e:  # noqa: BLE001 - every rank must reach the agreement
+        if getattr(e, RANK_FAILURES, None) is not None:  # from an agreement inside: every rank raised
+            raise
+        error = e
+    agree(error, enabled=collective())
+    return result
+
+
+def preflight(cfg: DictConfig, device: torch.device, world: int) -> None:
+    """Every check that needs neither data nor tables, before anything is generated or built:
+    `_target_`s against the allowlist, the config's rules, the features tables read and the
+    pretrained snapshots (manifests and file sizes)."""
+    check_targets(cfg, list(cfg.get("allowed_targets") or []))
+    validate(cfg, device=str(device), num_discrete_features=len(cfg.data.discrete_columns))
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
+    specs = table_specs(cfg.embeddings)
+    for spec in specs:
+        unknown = [f for f in spec.feature_names if f not in SPARSE_FEATURES]
+        if unknown:
+            raise ConfigError(
+                f"{spec.path}: reads feature(s) {unknown}, which the training data does not have; the data's "
+                f"features: {', '.join(SPARSE_FEATURES)} (set feature_names, or remove the table with ~{spec.path})"
+            )
+    check_pretrained(specs)
 
 
 def prepare_data(cfg: DictConfig, rank: int) -> Dict[str, Examples]:
     """Generate (rank 0, once) or read the examples; vocab paths are set in the config."""
     data = cfg.data
     if data.source == DataSource.synthetic:
-        if rank == 0:
-            generate_synthetic(Path(data.dir), data.synthetic, data.seed)
-        barrier()
+        # The agreement is the barrier; a failure on rank 0 stops every rank.
+        all_ranks(lambda: generate_synthetic(Path(data.dir), data.synthetic, data.seed) if rank == 0 else None)
         train_path, eval_path = Path(data.dir) / "train.parquet", Path(data.dir) / "eval.parquet"
     else:
         if not data.train_path or not data.eval_path:
@@ -77,14 +110,11 @@ class Trainer:
         self.device = resolve_device(cfg.sharding.device)
         init_distributed(self.device.type)
         self.rank, self.world = rank_and_world()
-        validate(cfg, device=str(self.device), num_discrete_features=len(cfg.data.discrete_columns))
-        if cfg.train.batch_size % self.world:
-            raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {self.world} ranks; use a multiple of {self.world}")
+        all_ranks(preflight, cfg, self.device, self.world)
+        self.allowed_targets = list(cfg.get("allowed_targets") or [])
         torch.manual_seed(cfg.train.seed)
-        self.examples = prepare_data(cfg, self.rank)
-
-        large = instantiate(cfg.embeddings)
-        small = instantiate(cfg.small_embeddings)
+        self.examples = all_ranks(prepare_data, cfg, self.rank)
+        large, small = all_ranks(self._build_modules)
         self.vocab = VocabMapper({f: large.vocabs[s.name] for s in large.specs if s.name in large.vocabs for f in s.feature_names})
         model = RecapModel(large, small, list(cfg.model.hidden), cfg.model.interaction)
         self.model = shard(model, cfg.sharding, device=self.device)
@@ -94,11 +124,49 @@ class Trainer:
         dense_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[dense.name]
         self.optimizer = combined_optimizer(self.model, lambda params: dense_cls(params, lr=dense.lr, weight_decay=dense.weight_decay))
         self.scheduler = EmbeddingLRScheduler(self.model, self.optimizer)
-        strata = instantiate(cfg.stratifiers)
+        strata = instantiate(cfg.stratifiers, allowed_targets=self.allowed_targets)
         self.metrics = StratifiedMetrics({"auroc": BinaryAUROC(), "loss": MeanMetric()}, strata).to(self.device)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
         self.step = 0
         self.curve: List[Dict[str, float]] = []
+
+    def _build_modules(self) -> tuple:
+        """The embedding modules (on meta) with their vocabs, and what needs the data to check."""
+        cfg = self.cfg
+        large = instantiate(cfg.embeddings, allowed_targets=self.allowed_targets)
+        small = instantiate(cfg.small_embeddings, allowed_targets=self.allowed_targets)
+        for spec in large.specs:
+            # A table with a vocab and its own num_embeddings: its rows still come from the vocab
+            # (raw ids are meaningless as rows); the vocab must fit in num_embeddings.
+            if spec.vocab and spec.name not in large.vocabs:
+                large.vocabs[spec.name] = Vocab.load(
+                    spec.vocab, table=spec.name, num_embeddings=spec.num_embeddings,
+                    oov_policy=spec.oov_policy, oov_buckets=spec.oov_buckets, config_path=spec.path,
+                )
+        train = self.examples["train"]
+        for spec in large.specs:
+            if spec.name in large.vocabs:
+                continue
+            for feature in spec.feature_names:
+                for split, examples in self.examples.items():
+                    ids = examples.user_ids if feature == "user" else examples.item_ids
+                    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= spec.num_embeddings):
+                        raise ConfigError(
+                            f"{spec.path}: has no vocab, so the raw ids of feature {feature!r} are its rows, but the "
+                            f"{split} data has ids in [{int(ids.min())}, {int(ids.max())}], outside the table's "
+                            f"{spec.num_embeddings} rows; allowed: ids in [0, {spec.num_embeddings}); set "
+                            f"{spec.path}.vocab to a vocab directory (id -> row)"
+                        )
+        if self.cfg.train.checkpoint:
+            per_epoch = num_batches(len(train), cfg.train.batch_size)
+            total = per_epoch * cfg.train.epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, per_epoch * cfg.train.epochs)
+            final = self.output_dir / "checkpoints" / f"step_{total}"
+            if final.exists():
+                raise FileExistsError(
+                    f"checkpoint {final} already exists (an earlier run in this directory); it is kept: set another "
+                    f"hydra.run.dir, or train.checkpoint=false"
+                )
+        return large, small
 
     # ------------------------------------------------------------------ pieces
 
@@ -177,6 +245,8 @@ class Trainer:
         if cfg.checkpoint:
             app_state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
             checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, app_state, asynchronous=cfg.checkpoint_async)
+            if isinstance(checkpoint, PendingCheckpoint):  # the job ends here: complete it (collective)
+                checkpoint = checkpoint.wait()
         metrics = {
             "steps": self.step,
             "examples": self.step * cfg.batch_size,

@@ -1,0 +1,3 @@
+from recap_embed.plan.app import main
+
+main()

@@ -1,0 +1,60 @@
+"""`recap-embed-plan`: the Hydra planning app (also `python -m recap_embed.plan`).
+
+Plans the tables of `embeddings` with the constraints of `sharding` for the cluster in
+`topology`, prints per-table and per-rank memory and cost, and writes ``plan.json`` (load it in
+the training app with ``sharding.plan_file=<run dir>/plan.json``) and ``plan.txt`` into the run
+dir. Its primary config `recap_embed_plan` is found through recap_embed's search-path plugin.
+torch is imported only when a job runs: `--help`, `--cfg job` and `--info` stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import recap_embed.config  # noqa: F401  (registers the groups)
+import recap_embed.plan.config  # noqa: F401  (registers the app's schema)
+
+log = logging.getLogger("recap_embed.plan")
+
+
+class _DropDataParallelNotice(logging.Filter):
+    """torchrec's planner warns once per data_parallel table that it has no sharding spec (it never
+    has one): noise in a report that lists every table anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Sharding spec not found for")
+
+
+@hydra.main(config_path=None, config_name="recap_embed_plan", version_base=None)
+def main(cfg: DictConfig) -> float:
+    """Plan once; returns the largest estimated cost of one rank in ms (what a sweep would minimise)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from recap_embed.errors import report_and_exit
+
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    logging.getLogger("torchrec").setLevel(logging.WARNING)  # the planner logs every proposal at INFO
+    logging.getLogger().addFilter(_DropDataParallelNotice())
+    with report_and_exit(log):
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.WARNING)  # fbgemm_gpu logs each library it loads at INFO
+        try:
+            from .report import plan_report  # torch and torchrec load here, not at start-up
+        finally:
+            root.setLevel(level)
+
+        report = plan_report(cfg)
+        paths = report.save(output_dir)
+        print(report.format(max_rows=int(cfg.get("max_rows") or 0) or None), flush=True)
+        log.info("wrote %s and %s; train with sharding.plan_file=%s", paths["plan.json"], paths["plan.txt"], paths["plan.json"])
+    return float(report.max_perf_ms)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""A matrix of bad inputs: each stops the job before it spends anything, with a message that names
+the config path (or file), the bad value and what is allowed, and no traceback from the console
+scripts unless HYDRA_FULL_ERROR=1.
+
+Rules of `validate` already covered in tests/test_validate.py (rows and dims, duplicate names and
+features, tables_to_log, empty pretrained names, schedule order and counts, two schedules, CPU
+algorithms, oov_policy/buckets, data_type, feature_names, CPU sharding types, unknown sharding
+tables, batch_size, small-table and stratifier indices) are not repeated here; this file adds the
+rules it does not reach and every other kind of bad input. Families:
+
+* ``RULES``: the remaining rules of `validate`, through compose (the minimal app's conf).
+* ``COMPOSE``: bad YAML types, unknown keys and overrides that Hydra/OmegaConf reject at compose.
+* ``PRESETS``: a user's own preset files with type errors, unknown keys and missing values.
+* ``APP``: the training app through its Python API (`Trainer`): bad snapshots, vocabularies,
+  indices beyond the data's width, unknown tables, device limits, untrusted targets; each asserts
+  that no checkpoint and no metrics.json were written (and, where the check needs no data, that
+  no data was generated).
+* ``CLI``: the console scripts in subprocesses (run two at a time), with and without
+  HYDRA_FULL_ERROR=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import pytest
+import yaml
+from hydra import compose, initialize
+from hydra.errors import HydraException
+
+import recap_embed.train.config  # noqa: F401  (registers the app's schema)
+from conftest import TESTS, compose_app
+from recap_embed.config import ConfigValidationError, validate
+from recap_embed.errors import USER_ERRORS
+
+REPO = TESTS.parent
+
+# The app's data, kept tiny: 200 users + 1 OOV row, 50 items.
+TINY = [
+    "data.synthetic.num_users=200",
+    "data.synthetic.num_items=50",
+    "data.synthetic.num_train=2000",
+    "data.synthetic.num_eval=500",
+    "train.progress=false",
+    "train.max_steps=2",
+]
+USER_ROWS = 201
+DIM = 16
+
+
+class Case(NamedTuple):
+    overrides: List[str]
+    path: str  # the config path (or file) the message must name
+    words: List[str]  # the bad value and what is allowed
+
+
+def check_message(message: str, case: Case) -> None:
+    assert case.path in message, (case.path, message)
+    for word in case.words:
+        assert word in message, (word, message)
+
+
+# --------------------------------------------------------------------------- RULES: validate
+
+
+def problems_of(overrides: List[str], **kwargs) -> str:
+    cfg = compose_app(["+small_embeddings=synthetic", "+stratifiers=synthetic", *overrides])
+    with pytest.raises(ConfigValidationError) as err:
+        validate(cfg, **{"device": "cpu", "num_discrete_features": 3, **kwargs})
+    return str(err.value)
+
+
+T = "embeddings.tables.user"
+OPT = "embeddings.optimizer"
+LR = f"{OPT}.learning_rate"
+
+RULES = {
+    "vocab_empty": Case([f"{T}.vocab=''"], f"{T}.vocab", ["is empty", "directory of parquet files"]),
+    "oov_buckets_negative": Case([f"{T}.oov_buckets=-3"], f"{T}.oov_buckets", ["-3", "non-negative"]),
+    "eps_negative": Case([f"{OPT}.eps=-1e-3"], f"{OPT}.eps", ["-0.001", ">= 0"]),
+    "weight_decay_negative": Case([f"{OPT}.weight_decay=-0.5"], f"{OPT}.weight_decay", ["-0.5", ">= 0"]),
+    "beta1_one": Case([f"{OPT}.beta1=1.0"], f"{OPT}.beta1", ["1.0", "[0, 1)"]),
+    "table_beta2_negative": Case([f"{T}.optimizer.beta2=-0.1"], f"{T}.optimizer.beta2", ["-0.1", "[0, 1)"]),
+    "table_adam_cpu": Case([f"{T}.optimizer.algorithm=partial_rowwise_adam"], f"{T}.optimizer.algorithm", ["partial_rowwise_adam", "allowed on CPU", "rowwise_adagrad"]),
+    "ramp_rate_negative": Case(
+        ["embeddings/lr=linear_ramp_to_constant", f"{LR}.linear_ramp_to_constant.learning_rate=-0.1"],
+        f"{LR}.linear_ramp_to_constant.learning_rate", ["-0.1", ">= 0"],
+    ),
+    "cosine_final_rate_negative": Case(
+        ["embeddings/lr=linear_ramp_to_cosine", f"{LR}.linear_ramp_to_cosine.final_learning_rate=-1"],
+        f"{LR}.linear_ramp_to_cosine.final_learning_rate", ["-1", ">= 0"],
+    ),
+    "cosine_final_steps_zero": Case(
+        ["embeddings/lr=linear_ramp_to_cosine", f"{LR}.linear_ramp_to_cosine.final_num_steps=0"],
+        f"{LR}.linear_ramp_to_cosine.final_num_steps", ["0", "positive integer"],
+    ),
+    "piecewise_negative_boundary": Case(
+        ["embeddings/lr=piecewise_constant", f"{LR}.piecewise_constant.learning_rate_boundaries=[-5,10]"],
+        f"{LR}.piecewise_constant.learning_rate_boundaries", ["[-5, 10]", "non-negative", "strictly increasing"],
+    ),
+    "piecewise_negative_value": Case(
+        ["embeddings/lr=piecewise_constant", f"{LR}.piecewise_constant.learning_rate_values=[0.1,-0.01,0.001]"],
+        f"{LR}.piecewise_constant.learning_rate_values[1]", ["-0.01", ">= 0"],
+    ),
+    "small_dim_zero": Case(["small_embeddings.tables.country.embedding_dim=0"], "small_embeddings.tables.country.embedding_dim", ["0", "positive integer"]),
+    "device_unknown": Case(["sharding.device=tpu"], "sharding.device", ["'tpu'", "auto, cpu, cuda, cuda:N"]),
+    "hbm_cap_zero": Case(["sharding.hbm_cap_gb=0"], "sharding.hbm_cap_gb", ["0", "positive size in GB"]),
+    "ddr_cap_negative": Case(["sharding.ddr_cap_gb=-8"], "sharding.ddr_cap_gb", ["-8", "positive size in GB"]),
+    "cache_load_factor": Case(["sharding.tables.user.cache_load_factor=1.5"], "sharding.tables.user.cache_load_factor", ["1.5", "(0, 1]"]),
+    "plan_unknown_table": Case(
+        ["sharding.plan.nope.sharding_type=table_wise", "sharding.plan.nope.compute_kernel=fused"],
+        "sharding.plan.nope", ["'nope'", "not a table", "tweet, user"],
+    ),
+    "plan_row_wise_cpu": Case(
+        ["sharding.plan.user.sharding_type=row_wise", "sharding.plan.user.compute_kernel=fused"],
+        "sharding.plan.user.sharding_type", ["row_wise", "needs CUDA", "table_wise"],
+    ),
+    "table_grid_shard_cpu": Case(["sharding.tables.user.sharding_types=[grid_shard]"], "sharding.tables.user.sharding_types[0]", ["grid_shard", "allowed on CPU"]),
+    "stratum_value_missing": Case(["stratifiers.strata.device_0.value=???"], "stratifiers.strata.device_0.value", ["missing", "int"]),
+    "table_unknown_key": Case([f"{T}.frobnicate=1"], f"{T}.frobnicate", ["not a field of EmbeddingBagConfig", "num_embeddings", "pooling"]),
+    "snapshot_unknown_key": Case([f"{T}.pretrained.uri=/snap"], f"{T}.pretrained.uri", ["not a field of EmbeddingSnapshot", "embedding_snapshot_uri"]),
+    "pooling_enum": Case([f"{T}.pooling=max"], f"{T}.pooling", ["'max'", "sum, mean"]),
+    "rows_not_int": Case([f"{T}.num_embeddings=lots"], f"{T}.num_embeddings", ["'lots'", "int"]),
+}
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_rule(name: str) -> None:
+    case = RULES[name]
+    kwargs = {"device": None} if name == "device_unknown" else {}  # the config's device, not a given one
+    check_message(problems_of(case.overrides, **kwargs), case)
+
+
+# --------------------------------------------------------------------------- COMPOSE
+
+
+def compose_error(overrides: List[str]) -> str:
+    with pytest.raises(HydraException) as err:
+        compose_app(overrides)
+    cause = err.value.__cause__
+    return f"{err.value}\n{cause if cause is not None else ''}"
+
+
+COMPOSE = {
+    "collection_dim_type": Case(["embeddings.embedding_dim=sixteen"], "embeddings.embedding_dim", ["'sixteen'", "Integer"]),
+    "collection_unknown_key": Case(["embeddings.frobnicate=1"], "embeddings.frobnicate", ["Key 'frobnicate' not in 'LargeEmbeddingsConfig'"]),
+    "tables_to_log_type": Case(["embeddings.tables_to_log=user"], "embeddings.tables_to_log", ["user"]),
+    "unknown_group_option": Case(["embeddings/optimizer=nope"], "embeddings/optimizer/nope", ["Could not find", "Available options", "rowwise_adagrad"]),
+    "unknown_table_option": Case(["embeddings/tables=[nope]"], "embeddings/tables/nope", ["Could not load"]),
+    "delete_unknown_table": Case(["~embeddings.tables.nope"], "embeddings.tables.nope", ["does not exist"]),
+    "sharding_batch_type": Case(["sharding.batch_size=big"], "sharding.batch_size", ["'big'", "Integer"]),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPOSE))
+def test_compose_rejects(name: str) -> None:
+    case = COMPOSE[name]
+    check_message(compose_error(case.overrides), case)
+
+
+# --------------------------------------------------------------------------- PRESETS: user files
+
+
+PRESETS = {
+    # file content of conf/embeddings/mine.yaml, path, words
+    "yaml_type_error": ("defaults: [base, _self_]\nembedding_dim: sixteen\ntables: {t: {num_embeddings: 10}}\n", "embeddings.embedding_dim", ["sixteen", "Integer"]),
+    "yaml_table_typo": ("defaults: [base, _self_]\ntables: {t: {num_embedings: 10}}\n", "embeddings.tables.t.num_embedings", ["not a field of EmbeddingBagConfig", "num_embeddings"]),
+    # Hydra's message names the file, not the key (OmegaConf reports an empty full_key here).
+    "yaml_tables_list": ("defaults: [base, _self_]\ntables: [t]\n", "embeddings/mine", ["Cannot merge DictConfig with ListConfig"]),
+    "yaml_syntax": ("defaults: [base, _self_]\ntables: {t: {num_embeddings: 10}\n", "mine.yaml", ["line 2, column 9", "expected ',' or '}'"]),
+}
+SMALL_PRESETS = {
+    "small_index_missing": ("defaults: [base, _self_]\ntables: {os: {num_embeddings: 3, embedding_dim: 4}}\n", "small_embeddings.tables.os.index", ["missing", "index"]),
+    "small_dim_type": ("defaults: [base, _self_]\ntables: {os: {num_embeddings: 3, embedding_dim: four, index: 0}}\n", "small_embeddings.tables.os.embedding_dim", ["'four'", "int"]),
+}
+
+
+def preset_error(tmp_path: Path, group: str, text: str) -> str:
+    conf = tmp_path / "conf"
+    (conf / group).mkdir(parents=True)
+    (conf / group / "mine.yaml").write_text(text)
+    (conf / "train.yaml").write_text(f"defaults:\n  - {group}: mine\n  - _self_\n")
+    try:
+        cfg = compose_app(config_dir=conf)
+    except HydraException as e:
+        return f"{e}\n{e.__cause__ or ''}"
+    except yaml.YAMLError as e:  # the app turns these into a composition error (see the CLI case)
+        return str(e)
+    with pytest.raises(ConfigValidationError) as err:
+        validate(cfg, device="cpu")
+    return str(err.value)
+
+
+@pytest.mark.parametrize("name", [*PRESETS, *SMALL_PRESETS])
+def test_bad_preset_file(tmp_path: Path, name: str) -> None:
+    group, (text, path, words) = ("embeddings", PRESETS[name]) if name in PRESETS else ("small_embeddings", SMALL_PRESETS[name])
+    check_message(preset_error(tmp_path, group, text), Case([], path, words))
+
+
+# --------------------------------------------------------------------------- APP: the Trainer
+
+
+def compose_train(overrides: List[str]):
+    with initialize(version_base=None, config_path=None):
+        return compose("recap_embed_train", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Dict[str, Path]:
+    """Generated data with its vocabs, snapshots (good and broken) and bad vocab directories."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from torchsnapshot import Snapshot, StateDict
+
+    from recap_embed.train.data import generate_synthetic
+
+    root = tmp_path_factory.mktemp("assets")
+    cfg = compose_train([f"data.dir={root / 'data'}", *TINY])
+    generate_synthetic(root / "data", cfg.data.synthetic, 0)
+    out = {"root": root, "data": root / "data"}
+
+    Snapshot.take(str(root / "snap"), app_state={"model": StateDict(user=torch.randn(USER_ROWS, DIM))})
+    out["snap"] = root / "snap"
+    manifest = yaml.safe_load((root / "snap" / ".snapshot_metadata").read_text())["manifest"]
+    location = manifest["0/model/user"]["location"]
+    for damage in ("truncated", "missing_file", "bad_manifest", "no_manifest"):
+        shutil.copytree(root / "snap", root / damage)
+        out[damage] = root / damage
+    data_file = root / "truncated" / location
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    (root / "missing_file" / location).unlink()
+    (root / "bad_manifest" / ".snapshot_metadata").write_text("version: [unclosed\n")
+    (root / "no_manifest" / ".snapshot_metadata").unlink()
+    (root / "a_file").write_text("not a snapshot\n")
+    out["a_file"] = root / "a_file"
+    Snapshot.take(str(root / "pickled"), app_state={"model": StateDict(user=("not", "a", "tensor"))})
+    out["pickled"] = root / "pickled"
+
+    def vocab(name: str, columns: Dict[str, list]) -> None:
+        (root / name).mkdir()
+        pq.write_table(pa.table({k: pa.array(v, type=pa.int64()) for k, v in columns.items()}), root / name / "part-0.parquet")
+        out[name] = root / name
+
+    vocab("wrong_columns", {"key": [1, 2], "row": [0, 1]})
+    vocab("duplicates", {"id": [11, 12, 12, 13], "row": [0, 1, 2, 3]})
+    vocab("negative_rows", {"id": [11, 12], "row": [0, -4]})
+    (root / "no_parquet").mkdir()
+    out["no_parquet"] = root / "no_parquet"
+    (root / "garbage").mkdir()
+    (root / "garbage" / "part-0.parquet").write_text("not parquet")
+    out["garbage"] = root / "garbage"
+    return out
+
+
+def app_error(run_dir: Path, overrides: List[str], data_dir: Optional[Path] = None) -> str:
+    """Build the Trainer; it must raise a user error before training. Without `data_dir` the data
+    would be generated under `run_dir`: it must not have been (the check came first)."""
+    from recap_embed.train.loop import Trainer
+
+    cfg = compose_train([f"data.dir={data_dir or run_dir / 'data'}", *TINY, *overrides])
+    with pytest.raises(USER_ERRORS) as err:
+        Trainer(cfg, run_dir)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
+    if data_dir is None:
+        assert not (run_dir / "data").exists(), "data was generated before a check that needs none"
+    return str(err.value)
+
+
+U = "embeddings.tables.user"
+P = f"{U}.pretrained"
+# (overrides with {asset} placeholders, needs the generated data, path, words)
+APP = {
+    "pretrained_missing_path": ([f"{P}.embedding_snapshot_uri={{root}}/nope"], False, f"{P}.embedding_snapshot_uri", ["nope'", "does not exist"]),
+    "pretrained_is_a_file": ([f"{P}.embedding_snapshot_uri={{a_file}}"], False, f"{P}.embedding_snapshot_uri", ["a_file'", "is not a directory"]),
+    "pretrained_not_a_snapshot": ([f"{P}.embedding_snapshot_uri={{no_manifest}}"], False, f"{P}.embedding_snapshot_uri", ["no_manifest'", "not a complete torchsnapshot", ".snapshot_metadata"]),
+    "pretrained_bad_manifest": ([f"{P}.embedding_snapshot_uri={{bad_manifest}}"], False, f"{P}.embedding_snapshot_uri", ["bad_manifest'", "corrupt"]),
+    "pretrained_truncated": ([f"{P}.embedding_snapshot_uri={{truncated}}"], False, f"{P}.embedding_snapshot_uri", ["truncated'", "cut short", "100 bytes", f"{USER_ROWS * DIM * 4}"]),
+    "pretrained_file_missing": ([f"{P}.embedding_snapshot_uri={{missing_file}}"], False, f"{P}.embedding_snapshot_uri", ["missing_file'", "is missing", "incomplete or corrupt"]),
+    "pretrained_missing_table": ([f"{P}.embedding_snapshot_uri={{snap}}", f"{P}.emb_name=nope"], False, P, ["no table 'nope'", "user"]),
+    "pretrained_wrong_dim": ([f"{P}.embedding_snapshot_uri={{snap}}", f"{U}.embedding_dim=8"], False, P, [f"[{USER_ROWS}, {DIM}]", "embedding_dim 8"]),
+    "pretrained_wrong_rows": ([f"{P}.embedding_snapshot_uri={{snap}}", f"{U}.num_embeddings=300"], False, P, [f"[{USER_ROWS}, {DIM}]", "300 rows", "allow_partial_rows=true"]),
+    "pretrained_pickled_entry": ([f"{P}.embedding_snapshot_uri={{pickled}}"], False, P, ["pickled object", "refusing"]),
+    "vocab_missing_dir": ([f"{U}.vocab={{root}}/no_vocab"], True, U, ["no_vocab'", "does not exist", "directory of parquet files"]),
+    "vocab_wrong_columns": ([f"{U}.vocab={{wrong_columns}}"], True, U, ["part-0.parquet", "no column 'id'", "['key', 'row']"]),
+    "vocab_duplicates": ([f"{U}.vocab={{duplicates}}"], True, U, ["id 12", "rows [1, 2]", "each id must appear once"]),
+    "vocab_negative_rows": ([f"{U}.vocab={{negative_rows}}"], True, U, ["row -4", "[0, num_embeddings)"]),
+    "vocab_rows_beyond_table": ([f"{U}.num_embeddings=50"], True, U, ["num_embeddings=50 is too small", f"num_embeddings >= {USER_ROWS}"]),
+    "vocab_no_parquet": ([f"{U}.vocab={{no_parquet}}"], True, U, ["no_parquet'", "no *.parquet files"]),
+    "vocab_not_parquet": ([f"{U}.vocab={{garbage}}"], True, U, ["part-0.parquet", "cannot read parquet"]),
+    "raw_ids_beyond_rows": ([f"{U}.vocab=null", f"{U}.num_embeddings=1000"], True, U, ["raw ids", "allowed: ids in [0, 1000)", f"{U}.vocab"]),
+    "stratifier_beyond_width": (["stratifiers.strata.device_0.index=3"], False, "stratifiers.strata.device_0.index", ["3 is beyond the data's 3 discrete features", "0..2"]),
+    "small_beyond_width": (["data.discrete_columns=[country,device]"], False, "small_embeddings.tables.hour.index", ["2 is beyond the data's 2 discrete features", "0..1"]),
+    "new_table_without_feature": (["embeddings.tables.clicks.num_embeddings=8"], False, "embeddings.tables.clicks", ["'clicks'", "user, item"]),
+    "adam_on_cpu": (["embeddings/optimizer=adam", "sharding=cpu"], False, "embeddings.optimizer.algorithm", ["adam", "allowed on CPU", "rowwise_adagrad"]),
+    "row_wise_on_cpu": (["sharding=cpu", "sharding.sharding_types=[row_wise]"], False, "sharding.sharding_types[0]", ["row_wise", "table_wise"]),
+    "row_wise_preset_needs_cuda": (["sharding=row_wise"], False, "sharding.device", ["'cuda'", "no CUDA device", "auto or cpu"]),
+    "untrusted_small_target": (["small_embeddings._target_=builtins.eval"], False, "small_embeddings._target_", ["'builtins.eval'", "allowed prefixes", "allowed_targets"]),
+    "missing_data_dir": (["data.dir=???"], False, f"{U}.vocab", ["data.dir", "Missing mandatory value"]),
+}
+
+
+@pytest.mark.parametrize("name", list(APP))
+def test_app_stops_before_training(tmp_path: Path, assets: Dict[str, Path], name: str) -> None:
+    overrides, needs_data, path, words = APP[name]
+    if name == "row_wise_preset_needs_cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    overrides = [o.format(**{k: str(v) for k, v in assets.items()}) for o in overrides]
+    if name == "missing_data_dir":  # data.dir itself is the bad value
+        from recap_embed.train.loop import Trainer
+
+        cfg = compose_train([*TINY, *overrides])
+        with pytest.raises(USER_ERRORS) as err:
+            Trainer(cfg, tmp_path)
+        assert not any(tmp_path.iterdir())
+        message = str(err.value)
+    else:
+        message = app_error(tmp_path / "run", overrides, assets["data"] if needs_data else None)
+    check_message(message, Case(overrides, path, words))
+
+
+def test_rerun_into_a_finished_run_keeps_its_checkpoint(tmp_path: Path, assets: Dict[str, Path]) -> None:
+    """A second run into the same directory would fail at its final save: it stops before training."""
+    final = tmp_path / "checkpoints" / "step_2"
+    final.mkdir(parents=True)
+    (final / "COMPLETE").write_text("{}")
+    from recap_embed.train.loop import Trainer
+
+    with pytest.raises(FileExistsError) as err:
+        Trainer(compose_train([f"data.dir={assets['data']}", *TINY]), tmp_path)
+    check_message(str(err.value), Case([], str(final), ["already exists", "hydra.run.dir", "train.checkpoint=false"]))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_2"] and (final / "COMPLETE").read_text() == "{}"
+    assert not (tmp_path / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- CLI: console scripts
+
+
+def console(name: str) -> List[str]:
+    script = Path(sys.executable).parent / name
+    if script.exists():
+        return [str(script)]
+    module = {"recap-embed-train": "recap_embed.train", "recap-embed-from-tml": "recap_embed.cli.from_tml"}[name]
+    return [sys.executable, "-m", module]
+
+
+class CliCase(NamedTuple):
+    script: str
+    args: List[str]
+    full_error: bool  # HYDRA_FULL_ERROR=1
+    code: Optional[int]  # exit status (None: any non-zero)
+    path: str
+    words: List[str]
+    before_data: bool = True  # the run dir must have no data either
+
+
+CLI = {
+    "validate": CliCase("recap-embed-train", [f"{U}.embedding_dim=6"], False, 2, f"{U}.embedding_dim", ["6 is not a multiple of 4", "positive multiples of 4"]),
+    "validate_full_error": CliCase("recap-embed-train", [f"{U}.embedding_dim=6"], True, None, f"{U}.embedding_dim", ["Traceback", "ConfigValidationError"]),
+    "group_option": CliCase("recap-embed-train", ["embeddings/optimizer=nope"], False, 1, "embeddings/optimizer/nope", ["Could not find", "rowwise_adagrad"]),
+    "group_option_full_error": CliCase("recap-embed-train", ["embeddings/optimizer=nope"], True, 1, "embeddings/optimizer/nope", ["Traceback", "MissingConfigException"]),
+    "override_type": CliCase("recap-embed-train", ["embeddings.embedding_dim=abc"], False, 1, "embeddings.embedding_dim", ["'abc'", "Integer"]),
+    "override_unknown_key": CliCase("recap-embed-train", ["train.nope=1"], False, 1, "train.nope", ["Key 'nope' not in 'TrainingConfig'"]),
+    "delete_unknown_table": CliCase("recap-embed-train", ["~embeddings.tables.nope"], False, 1, "embeddings.tables.nope", ["does not exist"]),
+    "new_table_without_feature": CliCase("recap-embed-train", ["embeddings.tables.nope.num_embeddings=8"], False, 2, "embeddings.tables.nope", ["'nope'", "user, item"]),
+    "pretrained_missing": CliCase("recap-embed-train", [f"{P}.embedding_snapshot_uri=nowhere/snap"], False, 2, f"{P}.embedding_snapshot_uri", ["'nowhere/snap'", "does not exist"]),
+    "vocab_missing": CliCase("recap-embed-train", [f"{U}.vocab=nowhere/vocab"], False, 2, U, ["'nowhere/vocab'", "does not exist"], before_data=False),
+    "untrusted_target": CliCase("recap-embed-train", ["embeddings._target_=os.system"], False, 2, "embeddings._target_", ["'os.system'", "allowed prefixes"]),
+    "adam_on_cpu": CliCase("recap-embed-train", ["embeddings/optimizer=adam", "sharding=cpu"], False, 2, "embeddings.optimizer.algorithm", ["adam", "allowed on CPU"]),
+    "yaml_syntax": CliCase("recap-embed-train", ["--config-dir=userconf", "embeddings=mine"], False, 1, "embeddings/mine is not valid YAML", ["mine.yaml", "line 2, column 9"]),
+    "tml_unknown_key": CliCase("recap-embed-from-tml", ["bad.yaml"], False, 2, "large_embeddings.tables[0].num_embedings", ["bad.yaml", "num_embeddings"]),
+    "tml_unknown_key_full_error": CliCase("recap-embed-from-tml", ["bad.yaml"], True, None, "large_embeddings.tables[0].num_embedings", ["Traceback", "TmlConversionError"]),
+}
+
+BAD_TML = {"large_embeddings": {"tables": [{"name": "user", "num_embedings": 10, "embedding_dim": 8}], "optimizer": {"init_learning_rate": 0.1}}}
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory, assets: Dict[str, Path]) -> Dict[str, Tuple[int, str, Path]]:
+    """Every CLI case, two at a time: (exit status, stdout + stderr, run dir)."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "bad.yaml").write_text(yaml.safe_dump(BAD_TML))
+    (root / "userconf" / "embeddings").mkdir(parents=True)
+    (root / "userconf" / "embeddings" / "mine.yaml").write_text(PRESETS["yaml_syntax"][0])
+
+    def run(name: str) -> Tuple[int, str, Path]:
+        case = CLI[name]
+        run_dir = root / name
+        args = list(case.args)
+        if case.script == "recap-embed-train":
+            data = f"data.dir={assets['data']}" if not case.before_data else f"data.dir={run_dir / 'data'}"
+            flags = [a for a in args if a.startswith("--")]
+            args = [*flags, f"hydra.run.dir={run_dir}", data, *TINY, *(a for a in args if not a.startswith("--"))]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("HYDRA_FULL_ERROR", None)
+        if case.full_error:
+            env["HYDRA_FULL_ERROR"] = "1"
+        out = subprocess.run([*console(case.script), *args], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+        return out.returncode, out.stdout + out.stderr, run_dir
+
+    # The cheap (compose-time) cases first, so the pool stays busy with the slow ones.
+    order = sorted(CLI, key=lambda n: CLI[n].code != 1)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(order, pool.map(run, order)))
+
+
+@pytest.mark.parametrize("name", list(CLI))
+def test_console_script(cli_results: Dict[str, Tuple[int, str, Path]], name: str) -> None:
+    case = CLI[name]
+    code, output, run_dir = cli_results[name]
+    assert code != 0, output[-2000:]
+    if case.code is not None:
+        assert code == case.code, output[-2000:]
+    check_message(output, Case(case.args, case.path, case.words))
+    if not case.full_error:
+        assert "Traceback" not in output, output[-3000:]
+    if case.script == "recap-embed-train":
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
+        if case.before_data:
+            assert not (run_dir / "data").exists()
+    if code == 2:  # ours: the cause is printed once
+        marker = "[ERROR]" if case.script == "recap-embed-train" else "error:"
+        assert output.count(marker) == 1, output[-3000:]
+
+
+def test_case_count() -> None:
+    total = len(RULES) + len(COMPOSE) + len(PRESETS) + len(SMALL_PRESETS) + len(APP) + 1 + len(CLI)
+    assert total >= 40, total
