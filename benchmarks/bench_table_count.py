@@ -1,0 +1,231 @@
+"""Config cost vs. number of tables: compose + validate + meta instantiate, 10 to 3,000 tables.
+
+For each count N an inline preset ``embeddings/bench_N.yaml`` (all tables in one file, the
+layout FACTS recommends for large presets) and a primary config selecting it are written to a
+temp dir; then, timed separately:
+
+* compose: ``hydra.initialize_config_dir`` + ``hydra.compose`` (the groups come from
+  ``import recap_embed.config`` and recap_embed's search-path plugin), GlobalHydra cleared each time;
+* validate: ``recap_embed.config.validate(cfg, device="cpu")``;
+* instantiate: ``recap_embed.instantiate(cfg.embeddings)`` -> `LargeEmbeddings` on meta.
+
+Counts are interleaved round by round (10, 100, 1000, 3000, 10, ...); medians are reported, a
+straight line is fitted to log(time) vs log(N) (slope 1 = linear), and the log-log plot is
+written to ``benchmarks/table_count.png``.
+
+    python benchmarks/bench_table_count.py --out benchmarks/results/table_count.json
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, parser, summary, write_json  # noqa: E402
+
+PHASES = ("compose", "validate", "instantiate")
+TARGETS = {1000: 1.0, 3000: 3.0}  # seconds, total
+
+
+def write_configs(conf: Path, n: int) -> str:
+    lines = ["# written by benchmarks/bench_table_count.py", "defaults:", "  - base", "  - optimizer: sgd", "  - _self_", "",
+             "embedding_dim: 16", "tables:"]
+    for i in range(n):
+        lines += [f"  t{i:04d}:", f"    num_embeddings: {1000 + i}"]
+    (conf / "embeddings").mkdir(parents=True, exist_ok=True)
+    (conf / "embeddings" / f"bench_{n}.yaml").write_text("\n".join(lines) + "\n")
+    name = f"primary_{n}"
+    (conf / f"{name}.yaml").write_text(f"defaults:\n  - embeddings: bench_{n}\n  - sharding: cpu\n  - _self_\n")
+    return name
+
+
+def fit_slope(xs: List[float], ys: List[float]) -> float:
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def plot(counts: List[int], med: Dict[int, Dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for phase in (*PHASES, "total"):
+        ax.plot(counts, [med[n][phase] for n in counts], marker="o", label=phase, linewidth=2.2 if phase == "total" else 1.2)
+    ref = med[counts[-1]]["total"]
+    ax.plot(counts, [ref * n / counts[-1] for n in counts], linestyle=":", color="grey", label="linear (slope 1)")
+    goals = [(n, TARGETS[n]) for n in counts if n in TARGETS]
+    if goals:
+        ax.plot([g[0] for g in goals], [g[1] for g in goals], linestyle="none", marker="x", markersize=10,
+                color="red", label="target (total)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tables")
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("compose + validate + meta instantiate")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def instantiate_breakdown(cfg: Any, reps: int) -> Dict[str, Any]:
+    """Where `instantiate(cfg.embeddings)` spends its time, and what three changes would save.
+
+    Replays the steps of ``LargeEmbeddings.__init__`` one by one (it calls private helpers of
+    recap_embed.modules.large, so it may need updating when those change). The ``what_if_*`` rows
+    are measurements of alternatives, not library code.
+    """
+    import torch
+    from hydra.utils import instantiate as hydra_instantiate
+    from omegaconf import OmegaConf
+    from torch import nn
+    from torchrec import EmbeddingBagCollection
+
+    from recap_embed.config import LargeEmbeddingsConfig, table_specs, validate
+    from recap_embed.config.convert import from_mapping
+    from recap_embed.instantiate import instantiate
+    from recap_embed.modules.large import _embeddings_node, _torchrec_config
+
+    def med(fn: Any) -> Any:
+        ts, out = [], None
+        for _ in range(reps):
+            gc.collect()
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+        return summary(ts)["median"], out
+
+    meta = torch.device("meta")
+    out: Dict[str, Any] = {}
+    out["instantiate_total"], _ = med(lambda: instantiate(cfg.embeddings))
+    out["what_if_hydra_recursive_false"], _ = med(lambda: hydra_instantiate(cfg.embeddings, _recursive_=False))
+    t, values = med(lambda: OmegaConf.to_container(cfg.embeddings, resolve=True))
+    out["to_container"] = t
+    values.pop("_target_", None)
+    out["typed_node (_embeddings_node: OmegaConf create+merge+update)"], node = med(lambda: _embeddings_node(dict(values), "embeddings"))
+    out["validate(node)"], _ = med(lambda: validate(node, device="meta"))
+    out["table_specs(node)"], specs = med(lambda: table_specs(node, prefix="embeddings"))
+    configs = [_torchrec_config(s) for s in specs]
+    out["torchrec EBC on meta"], _ = med(lambda: EmbeddingBagCollection(tables=configs, device=meta))
+    out["what_if_typed_by_convert.from_mapping (instead of typed_node)"], _ = med(
+        lambda: from_mapping(LargeEmbeddingsConfig, dict(values), "embeddings", []))
+
+    def ebc_no_meta_init() -> Any:
+        orig = nn.EmbeddingBag.reset_parameters
+        nn.EmbeddingBag.reset_parameters = lambda self: None  # meta tensors hold no values to initialise
+        try:
+            return EmbeddingBagCollection(tables=configs, device=meta)
+        finally:
+            nn.EmbeddingBag.reset_parameters = orig
+
+    out["what_if_EBC_on_meta_without_reset_parameters"], _ = med(ebc_no_meta_init)
+    out["hydra_recursive_walk (total - what_if_recursive_false)"] = out["instantiate_total"] - out["what_if_hydra_recursive_false"]
+    return out
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--counts", default="10,100,1000,3000")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "table_count.png")
+    args = p.parse_args()
+    counts = [10, 30, 100] if args.quick else [int(c) for c in args.counts.split(",")]
+    reps = 1 if args.quick else args.reps
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import recap_embed.config  # noqa: F401  (registers the groups)
+    from recap_embed.config import validate
+    from recap_embed.instantiate import instantiate
+
+    import torch  # noqa: F401  (imported up front: its import is not a per-table cost)
+    import recap_embed.modules  # noqa: F401
+
+    tmp = Path(tempfile.mkdtemp(prefix="recap_bench_tables_"))
+    try:
+        names = {n: write_configs(tmp, n) for n in counts}
+
+        def pipeline(n: int) -> Dict[str, float]:
+            GlobalHydra.instance().clear()
+            t0 = time.perf_counter()
+            with initialize_config_dir(config_dir=str(tmp), version_base=None):
+                cfg = compose(config_name=names[n])
+            t1 = time.perf_counter()
+            validate(cfg, device="cpu")
+            t2 = time.perf_counter()
+            model = instantiate(cfg.embeddings)
+            t3 = time.perf_counter()
+            assert len(model.specs) == n, (len(model.specs), n)
+            return {"compose": t1 - t0, "validate": t2 - t1, "instantiate": t3 - t2, "total": t3 - t0}
+
+        pipeline(counts[0])  # warm-up (imports, plugin discovery)
+        samples: Dict[int, List[Dict[str, float]]] = {n: [] for n in counts}
+        for _ in range(reps):
+            for n in counts:
+                samples[n].append(pipeline(n))
+                gc.collect()
+        breakdown: Dict[str, Any] = {}
+        for n in [c for c in counts if c >= 1000] or counts[-1:]:
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=str(tmp), version_base=None):
+                cfg = compose(config_name=names[n])
+            breakdown[str(n)] = instantiate_breakdown(cfg, reps=max(reps, 3) if not args.quick else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {n: {k: summary([s[k] for s in samples[n]])["median"] for k in (*PHASES, "total")} for n in counts}
+    big = [n for n in counts if n >= 100] or counts
+    slopes = {
+        "total_all_counts": fit_slope(counts, [med[n]["total"] for n in counts]),
+        "total_counts_ge_100": fit_slope(big, [med[n]["total"] for n in big]) if len(big) > 1 else None,
+        **{f"{k}_counts_ge_100": fit_slope(big, [med[n][k] for n in big]) if len(big) > 1 else None for k in PHASES},
+    }
+    plot_path = args.plot
+    if args.quick:
+        plot_path = (args.out.with_suffix(".png") if args.out else Path(tempfile.gettempdir()) / "table_count_quick.png")
+    plot(counts, med, plot_path)
+    targets: Dict[str, Any] = {}
+    for n, limit in TARGETS.items():
+        if n in med:
+            targets[f"{n}_tables_le_{limit:g}s"] = med[n]["total"] <= limit
+    if slopes["total_counts_ge_100"] is not None:
+        targets["linear_growth_slope_le_1.15"] = slopes["total_counts_ge_100"] <= 1.15
+    result = {
+        "benchmark": "table_count",
+        "machine": machine(),
+        "quick": args.quick,
+        "setup": {"counts": counts, "reps": reps, "table_fields": ["num_embeddings"], "layout": "inline preset (one YAML file)"},
+        "seconds_median": {str(n): med[n] for n in counts},
+        "per_table_ms": {str(n): 1e3 * med[n]["total"] / n for n in counts},
+        "loglog_slopes": slopes,
+        "instantiate_breakdown_seconds": breakdown,
+        "plot": str(plot_path.name if not args.quick else plot_path),
+        "targets": targets,
+    }
+    print(f"{'tables':>7} " + " ".join(f"{k:>11}" for k in (*PHASES, "total")))
+    for n in counts:
+        print(f"{n:7d} " + " ".join(f"{med[n][k]:10.3f}s" for k in (*PHASES, "total")))
+    for n, b in breakdown.items():
+        print(f"instantiate breakdown, {n} tables:")
+        for k, v in b.items():
+            print(f"    {k:66s} {v:7.3f} s")
+    print("log-log slopes:", {k: (round(v, 3) if v is not None else None) for k, v in slopes.items()})
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
