@@ -88,15 +88,13 @@ def instantiate_breakdown(cfg: Any, reps: int) -> Dict[str, Any]:
     are measurements of alternatives, not library code.
     """
     import torch
-    from hydra.utils import instantiate as hydra_instantiate
     from omegaconf import OmegaConf
-    from torch import nn
     from torchrec import EmbeddingBagCollection
 
     from recap_embed.config import LargeEmbeddingsConfig, table_specs, validate
     from recap_embed.config.convert import from_mapping
     from recap_embed.instantiate import instantiate
-    from recap_embed.modules.large import _embeddings_node, _torchrec_config
+    from recap_embed.modules.large import _no_init_on_meta, _torchrec_config
 
     def med(fn: Any) -> Any:
         ts, out = [], None
@@ -110,28 +108,20 @@ def instantiate_breakdown(cfg: Any, reps: int) -> Dict[str, Any]:
     meta = torch.device("meta")
     out: Dict[str, Any] = {}
     out["instantiate_total"], _ = med(lambda: instantiate(cfg.embeddings))
-    out["what_if_hydra_recursive_false"], _ = med(lambda: hydra_instantiate(cfg.embeddings, _recursive_=False))
     t, values = med(lambda: OmegaConf.to_container(cfg.embeddings, resolve=True))
     out["to_container"] = t
     values.pop("_target_", None)
-    out["typed_node (_embeddings_node: OmegaConf create+merge+update)"], node = med(lambda: _embeddings_node(dict(values), "embeddings"))
-    out["validate(node)"], _ = med(lambda: validate(node, device="meta"))
-    out["table_specs(node)"], specs = med(lambda: table_specs(node, prefix="embeddings"))
+    out["validate(values)"], _ = med(lambda: validate(values, device="meta"))
+    out["table_specs(values)"], specs = med(lambda: table_specs(values, prefix="embeddings"))
+    out["from_mapping (typing, inside both)"], _ = med(lambda: from_mapping(LargeEmbeddingsConfig, dict(values), "embeddings", []))
     configs = [_torchrec_config(s) for s in specs]
-    out["torchrec EBC on meta"], _ = med(lambda: EmbeddingBagCollection(tables=configs, device=meta))
-    out["what_if_typed_by_convert.from_mapping (instead of typed_node)"], _ = med(
-        lambda: from_mapping(LargeEmbeddingsConfig, dict(values), "embeddings", []))
+    out["torchrec EBC on meta (with init)"], _ = med(lambda: EmbeddingBagCollection(tables=configs, device=meta))
 
     def ebc_no_meta_init() -> Any:
-        orig = nn.EmbeddingBag.reset_parameters
-        nn.EmbeddingBag.reset_parameters = lambda self: None  # meta tensors hold no values to initialise
-        try:
+        with _no_init_on_meta():
             return EmbeddingBagCollection(tables=configs, device=meta)
-        finally:
-            nn.EmbeddingBag.reset_parameters = orig
 
-    out["what_if_EBC_on_meta_without_reset_parameters"], _ = med(ebc_no_meta_init)
-    out["hydra_recursive_walk (total - what_if_recursive_false)"] = out["instantiate_total"] - out["what_if_hydra_recursive_false"]
+    out["torchrec EBC on meta (as LargeEmbeddings builds it: no init on meta)"], _ = med(ebc_no_meta_init)
     return out
 
 

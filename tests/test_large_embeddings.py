@@ -101,13 +101,6 @@ def test_from_python_dataclass_dict_and_instantiate_agree():
         assert m.feature_names == ["user", "item"]
 
 
-def test_unresolved_table_interpolation_resolves_against_the_collection():
-    # A table node taken out of its parent still says ${...embedding_dim}: it must take the dim given here.
-    tables = OmegaConf.create({"user": {"num_embeddings": 10, "embedding_dim": "${...embedding_dim}"}})
-    m = LargeEmbeddings(tables=tables, embedding_dim=12)
-    assert m.specs[0].embedding_dim == 12
-
-
 def test_bad_config_names_the_path():
     with pytest.raises(ConfigValidationError, match=r"embeddings\.tables\.user\.embedding_dim: 6 is not a multiple of 4"):
         LargeEmbeddings.from_config(embeddings({"user": {"num_embeddings": 10, "embedding_dim": 6}}))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .convert import Problems, from_mapping
@@ -26,7 +26,6 @@ from .schema import (
     PoolingMode,
     TableOptimizerConfig,
 )
-from .store import schema_node
 
 T = TypeVar("T")
 
@@ -53,15 +52,13 @@ class TableSpec:
 def to_container(cfg: Any, schema: Optional[Type[Any]] = None) -> Dict[str, Any]:
     """A plain dict of `cfg` with interpolations resolved and enums kept as members.
 
-    Accepts a DictConfig (typed or not), a dataclass instance or a dict; `schema` types a
-    plain dict. Missing values stay as the string '???' for the validator to report.
+    Accepts a DictConfig (typed or not), a dataclass instance or a dict (whose values may be
+    DictConfigs, as `hydra.utils.instantiate` passes them). Plain values are taken as they are,
+    without building OmegaConf nodes (the slow part for thousands of tables); `from_mapping`
+    types them. Missing values stay as the string '???' for the validator to report.
     """
-    if schema is not None and (not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is dict):
-        if not isinstance(cfg, (dict, DictConfig)):  # a dataclass instance
-            cfg = OmegaConf.structured(cfg)
-        cfg = OmegaConf.merge(schema_node(schema), cfg)
-    elif not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.structured(cfg)
+    if not isinstance(cfg, DictConfig):
+        return _plain(cfg)  # type: ignore[no-any-return]
     try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
@@ -70,6 +67,19 @@ def to_container(cfg: Any, schema: Optional[Type[Any]] = None) -> Dict[str, Any]
         error = ConfigError(f"{key}: cannot be resolved: {first}")
         error.path = str(key)  # type: ignore[attr-defined]
         raise error from None
+
+
+def _plain(value: Any) -> Any:
+    """Dicts, lists and dataclasses as plain containers; OmegaConf nodes resolved."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return to_container(value) if isinstance(value, DictConfig) else OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    return value
 
 
 def config_prefix(cfg: Any, default: str) -> str:

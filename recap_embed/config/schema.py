@@ -223,6 +223,8 @@ class LargeEmbeddingsConfig:
     """Tables gathered into one torchrec EmbeddingBagCollection, trained by fused optimizers."""
 
     _target_: str = "recap_embed.modules.LargeEmbeddings"
+    # The tables hold no `_target_`s: skip Hydra's recursive walk over them (0.4 s at 3,000 tables).
+    _recursive_: bool = False
     tables: Dict[str, Any] = keyed(EmbeddingBagConfig)
     optimizer: EmbeddingOptimizerConfig = field(default_factory=EmbeddingOptimizerConfig)
     tables_to_log: List[str] = field(default_factory=list)  # tables whose statistics are logged

@@ -40,18 +40,21 @@ def validate(
     *,
     device: Optional[str] = None,
     num_discrete_features: Optional[int] = None,
+    path: Optional[str] = None,
 ) -> None:
     """Check every rule; raise ConfigValidationError listing all problems.
 
     `cfg` is an app's root config (any of `embeddings`, `small_embeddings`, `stratifiers`,
     `sharding`) or one of those sections alone, as a DictConfig, dict or dataclass. `device`
     is the target device (default: `sharding.device`, else `auto`); `num_discrete_features`
-    is the width of the data's discrete-feature tensor, when known.
+    is the width of the data's discrete-feature tensor, when known; `path` is where a single
+    section lives in its app's config, for messages (default: found from the node, or the
+    section's name).
     """
     problems: Problems = []
     sections = {
-        name: (path, parse_section(node, SECTIONS[name], path, problems))
-        for name, (path, node) in _sections(cfg).items()
+        name: (where, parse_section(node, SECTIONS[name], where, problems))
+        for name, (where, node) in _sections(cfg, path).items()
     }
     sharding: Optional[ShardingConfig] = sections.get("sharding", ("", None))[1]
     device_type = resolve_device_type(device or (sharding.device if sharding else "auto"))
@@ -73,14 +76,14 @@ def validate(
         raise ConfigValidationError(problems)
 
 
-def _sections(cfg: Any) -> Dict[str, Tuple[str, Any]]:
+def _sections(cfg: Any, path: Optional[str] = None) -> Dict[str, Tuple[str, Any]]:
     """{section: (config path, node)} for a root config or a single section."""
-    if not isinstance(cfg, (DictConfig, Mapping)):
-        cfg = OmegaConf.structured(cfg)
-    typ = OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else dict
+    typ = OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else type(cfg)
     for section, schema in SECTIONS.items():
         if typ is schema:
-            return {section: (config_prefix(cfg, section), cfg)}
+            return {section: (path or config_prefix(cfg, section), cfg)}
+    if not isinstance(cfg, (DictConfig, Mapping)):
+        raise ConfigError(f"nothing to validate: {type(cfg).__name__} is not a config section or a root config")
     found = {
         section: (config_prefix(cfg[section], section), cfg[section])
         for section in SECTIONS
@@ -92,7 +95,7 @@ def _sections(cfg: Any) -> Dict[str, Tuple[str, Any]]:
     keys = set(cfg)
     for section, schema in SECTIONS.items():
         if keys and keys <= set(schema.__dataclass_fields__):
-            return {section: (section, cfg)}
+            return {section: (path or section, cfg)}
     raise ConfigError(
         f"nothing to validate: expected a root config with any of {sorted(SECTIONS)} "
         f"or one of those sections, got keys {sorted(keys)}"

@@ -16,13 +16,14 @@ Data flow::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from dataclasses import replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor, KeyedTensor
 from torchrec import EmbeddingBagConfig as TorchrecTableConfig
@@ -30,7 +31,7 @@ from torchrec.modules.embedding_configs import DataType as TorchrecDataType
 from torchrec.modules.embedding_configs import PoolingType
 
 from recap_embed.config import ConfigError, DataType, LargeEmbeddingsConfig, PoolingMode, TableSpec, table_specs, validate
-from recap_embed.config.store import schema_node
+from recap_embed.config.resolve import to_container
 
 __all__ = ["LargeEmbeddings", "DATA_TYPES", "POOLING_TYPES"]
 
@@ -82,37 +83,42 @@ class LargeEmbeddings(nn.Module):
         **unknown: Any,
     ) -> None:
         super().__init__()
-        unknown.pop("_target_", None)
+        for hydra_key in ("_target_", "_recursive_", "_convert_"):
+            unknown.pop(hydra_key, None)
         if unknown:
             raise ConfigError(
                 f"{config_path}: unknown field(s) {sorted(unknown)}; allowed: tables, optimizer, "
                 f"tables_to_log, embedding_dim, is_weighted"
             )
-        node = _embeddings_node(
+        # Plain values (Hydra's DictConfigs resolved once): validate and table_specs type them
+        # field by field, far faster than building typed OmegaConf nodes for every table.
+        values = to_container(
             {
                 "tables": tables,
                 "optimizer": optimizer,
                 "tables_to_log": list(tables_to_log or []),
                 "embedding_dim": embedding_dim,
                 "is_weighted": is_weighted,
-            },
-            config_path,
+            }
         )
+        if values["optimizer"] is None:
+            values.pop("optimizer")
         # Device-independent rules only: the target device is known when the tables are placed,
         # and `shard` checks what that device can run (e.g. adam needs CUDA).
-        validate(node, device="meta")
-        specs = table_specs(node, prefix=config_path)
+        validate(values, device="meta", path=config_path)
+        specs = table_specs(values, prefix=config_path)
         self.vocabs: Dict[str, Any] = {}
         self.specs: List[TableSpec] = [self._resolve_rows(s, num_embeddings_override or {}) for s in specs]
         self.is_weighted = bool(is_weighted)
         names = {s.key: s.name for s in self.specs}
         self.tables_to_log: List[str] = [names.get(t, t) for t in (tables_to_log or [])]
         self.config_path = config_path
-        self.ebc = EmbeddingBagCollection(
-            tables=[_torchrec_config(s) for s in self.specs],
-            is_weighted=self.is_weighted,
-            device=META,
-        )
+        with _no_init_on_meta():
+            self.ebc = EmbeddingBagCollection(
+                tables=[_torchrec_config(s) for s in self.specs],
+                is_weighted=self.is_weighted,
+                device=META,
+            )
         self.cut = nn.Identity()
         self._feature_set = frozenset(self.feature_names)
         # Rows seen by forward since the last `table_stats` call, for the tables being tracked.
@@ -133,15 +139,14 @@ class LargeEmbeddings(nn.Module):
                 key = cfg._get_full_key(None)
                 if key:
                     kwargs["config_path"] = str(key)
-            values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-        elif isinstance(cfg, LargeEmbeddingsConfig):
-            values = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, throw_on_missing=False)
-        elif isinstance(cfg, Mapping):
-            values = dict(cfg)
+            values = to_container(cfg)
+        elif isinstance(cfg, (LargeEmbeddingsConfig, Mapping)):
+            values = to_container(cfg)
         else:
             raise TypeError(f"expected a DictConfig, LargeEmbeddingsConfig or dict, got {type(cfg).__name__}")
         assert isinstance(values, dict)
-        values.pop("_target_", None)
+        for hydra_key in ("_target_", "_recursive_", "_convert_"):
+            values.pop(hydra_key, None)
         return cls(**values, **kwargs)
 
     def _resolve_rows(self, spec: TableSpec, override: Mapping[str, int]) -> TableSpec:
@@ -257,26 +262,25 @@ class LargeEmbeddings(nn.Module):
         return f"tables={len(self.specs)}, parameters={total:,}, is_weighted={self.is_weighted}"
 
 
-def _embeddings_node(values: Dict[str, Any], config_path: str) -> DictConfig:
-    """A typed `LargeEmbeddingsConfig` node at `config_path` inside a fresh root.
+@contextlib.contextmanager
+def _no_init_on_meta() -> Iterator[None]:
+    """Skip `nn.EmbeddingBag.reset_parameters` while tables are built on meta.
 
-    Nested DictConfigs are copied in, so a ``${...embedding_dim}`` left unresolved in a table is
-    resolved against the collection's ``embedding_dim`` given here. Placing the node at its real
-    path makes `validate` and `table_specs` name full config paths in messages.
+    Meta tensors hold no values, so the initialisation does nothing but costs ~0.3 ms per table
+    (a third of building 1,000 tables). Weights are initialised where they are materialised:
+    by the sharded modules `shard` creates.
     """
-    if values.get("optimizer") is None:
-        values.pop("optimizer")
+    original = nn.EmbeddingBag.reset_parameters
+
+    def reset_parameters(self: nn.EmbeddingBag) -> None:
+        if self.weight.device.type != "meta":
+            original(self)
+
+    nn.EmbeddingBag.reset_parameters = reset_parameters  # type: ignore[method-assign]
     try:
-        raw = OmegaConf.create(values)
-        node = OmegaConf.merge(schema_node(LargeEmbeddingsConfig), raw)
-    except Exception as e:  # OmegaConf validation errors carry the key
-        key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"{config_path}.{key}: {getattr(e, 'msg', e)}") from None
-    root = OmegaConf.create({})
-    OmegaConf.update(root, config_path, node, force_add=True)
-    found = OmegaConf.select(root, config_path)
-    assert isinstance(found, DictConfig)
-    return found
+        yield
+    finally:
+        nn.EmbeddingBag.reset_parameters = original  # type: ignore[method-assign]
 
 
 def _torchrec_config(spec: TableSpec) -> TorchrecTableConfig:
