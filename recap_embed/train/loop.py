@@ -108,6 +108,8 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.device = resolve_device(cfg.sharding.device)
+        # The group is ours to close when torchrun's ranks join it here, or `shard` makes one.
+        self.owns_process_group = not (dist.is_available() and dist.is_initialized())
         init_distributed(self.device.type)
         self.rank, self.world = rank_and_world()
         all_ranks(preflight, cfg, self.device, self.world)
@@ -311,6 +313,22 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def close_process_group() -> None:
+    """Leave the process group together: every rank waits for the others, then destroys it.
+
+    Left to interpreter exit, gloo's threads can be torn down while a peer still talks to them,
+    and a rank that finished cleanly dies with SIGABRT ("terminate called without an active
+    exception").
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train(cfg: DictConfig, output_dir: Path) -> Dict[str, Any]:
     """Build everything the config describes and train; returns the metrics (also in metrics.json)."""
-    return Trainer(cfg, output_dir).run()
+    trainer = Trainer(cfg, output_dir)
+    metrics = trainer.run()
+    if trainer.owns_process_group:
+        close_process_group()
+    return metrics
