@@ -24,7 +24,8 @@ USER_ERRORS = (ConfigError, UserError, ValueError, FileNotFoundError, FileExists
 RANK_FAILURES = "rank_failures"
 
 
-def _rank() -> int:
+def current_rank() -> int:
+    """This process's global rank from torchrun's RANK (0 when unset or malformed)."""
     try:
         return int(os.environ.get("RANK", "0") or 0)
     except ValueError:
@@ -41,7 +42,7 @@ def should_report(error: BaseException, rank: Optional[int] = None) -> bool:
     failures: Optional[Dict[int, str]] = getattr(error, RANK_FAILURES, None)
     if not failures:
         return True
-    rank = _rank() if rank is None else rank
+    rank = current_rank() if rank is None else rank
     mine = failures.get(rank)
     return mine is not None and not any(r < rank and m == mine for r, m in failures.items())
 
@@ -60,7 +61,7 @@ def report_and_exit(log: logging.Logger, code: int = 2) -> Iterator[None]:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         failures = getattr(e, RANK_FAILURES, None) or {}
-        rank = _rank()
+        rank = current_rank()
         peer_only = bool(failures) and rank not in failures
         if not (isinstance(e, USER_ERRORS) or peer_only):
             raise

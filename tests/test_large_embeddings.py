@@ -271,3 +271,24 @@ def test_cpu_refuses_gpu_only_optimizers_naming_the_table():
     model = LargeEmbeddings.from_config(embeddings({"a": {"num_embeddings": 10, "optimizer": {"algorithm": "adam"}}}))
     with pytest.raises(ConfigValidationError, match=r"embeddings\.tables\.a\.optimizer\.algorithm: adam cannot be fused on CPU"):
         shard(model, {"device": "cpu"})
+
+
+def test_shard_accepts_a_plain_dict_sharding_section():
+    from recap_embed.distributed import describe_plan, shard
+
+    m = LargeEmbeddings.from_config({"tables": {"user": {"num_embeddings": 100, "embedding_dim": 8}}, "embedding_dim": 8})
+    model = shard(m, {"device": "cpu", "tables": {"user": {"sharding_types": ["table_wise"]}}})
+    assert [row["sharding_type"] for row in describe_plan(model)] == ["table_wise"]
+
+
+def test_tables_without_a_torch_optimizer_are_never_planned_data_parallel():
+    from recap_embed.config import ShardingConfig
+    from recap_embed.distributed.planner import build_constraints
+
+    m = LargeEmbeddings.from_config(
+        {"tables": {"small": {"num_embeddings": 10}, "big": {"num_embeddings": 10}}, "embedding_dim": 8,
+         "optimizer": {"algorithm": "lamb"}}
+    )
+    constraints = build_constraints(ShardingConfig(), "sharding", m.specs, "cuda")
+    for name in ("small", "big"):
+        assert constraints[name].sharding_types and "data_parallel" not in constraints[name].sharding_types

@@ -123,3 +123,11 @@ def test_validate_accepts_a_single_section_and_dataclasses():
         validate(cfg, device="cpu")
     assert "embeddings.tables.t.embedding_dim" in dict(err.value.problems)
     validate(LargeEmbeddingsConfig(tables={"t": EmbeddingBagConfig(num_embeddings=10, embedding_dim=8)}), device="cpu")
+
+
+def test_a_bare_section_that_fits_several_schemas_must_be_named():
+    from recap_embed.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot tell which section"):
+        validate({"tables": {"user": {"sharding_types": ["table_wise"]}}}, device="cpu")
+    validate({"sharding": {"tables": {"user": {"sharding_types": ["table_wise"]}}}}, device="cpu")

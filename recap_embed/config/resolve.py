@@ -49,7 +49,7 @@ class TableSpec:
     path: str
 
 
-def to_container(cfg: Any, schema: Optional[Type[Any]] = None) -> Dict[str, Any]:
+def to_container(cfg: Any) -> Dict[str, Any]:
     """A plain dict of `cfg` with interpolations resolved and enums kept as members.
 
     Accepts a DictConfig (typed or not), a dataclass instance or a dict (whose values may be
@@ -109,7 +109,7 @@ def parse_section(cfg: Any, schema: Type[T], prefix: str, problems: Problems) ->
     path (the keyed collections are open mappings at compose time, see `schema.keyed`).
     """
     try:
-        values = to_container(cfg, schema)
+        values = to_container(cfg)
     except ConfigError as e:
         path = getattr(e, "path", None)
         problems.append((path, str(e)[len(path) + 2 :]) if path and path != "?" else (prefix, str(e)))

@@ -17,7 +17,6 @@ import copy
 import os
 import re
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
@@ -25,6 +24,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from recap_embed.files import atomic_write_text
 
 from .errors import ConfigError
 from .schema import (
@@ -512,7 +513,7 @@ def write_presets(
             raise FileExistsError(f"{', '.join(existing)} already {verb}; pass --overwrite (overwrite=True) to replace")
     for target, text in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, text)
+        atomic_write_text(target, text)
     return list(targets)
 
 
@@ -598,20 +599,6 @@ _PresetDumper.add_implicit_resolver(
 
 def _dump(data: Dict[str, Any]) -> str:
     return yaml.dump(data, Dumper=_PresetDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
-
-
-def _atomic_write(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- ours -> tml

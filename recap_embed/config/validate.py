@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from .convert import Problems
 from .errors import ConfigError, ConfigValidationError
 from .resolve import config_prefix, effective_optimizer, parse_section, resolve_device_type
 from .schema import (
@@ -32,7 +33,6 @@ from .schema import (
 )
 from .store import SECTIONS
 
-Problems = List[Tuple[str, str]]
 
 
 def validate(
@@ -91,11 +91,16 @@ def _sections(cfg: Any, path: Optional[str] = None) -> Dict[str, Tuple[str, Any]
     }
     if found:
         return found
-    # A bare mapping that is one section: recognise it by its keys.
+    # A bare mapping that is one section: recognise it by its keys, if only one section fits.
     keys = set(cfg)
-    for section, schema in SECTIONS.items():
-        if keys and keys <= set(schema.__dataclass_fields__):
-            return {section: (path or section, cfg)}
+    fits = [section for section, schema in SECTIONS.items() if keys and keys <= set(schema.__dataclass_fields__)]
+    if len(fits) == 1:
+        return {fits[0]: (path or fits[0], cfg)}
+    if len(fits) > 1:
+        raise ConfigError(
+            f"cannot tell which section {sorted(keys)} is (it fits {', '.join(fits)}); "
+            f"pass it by name, e.g. validate({{{fits[-1]!r}: section}}), or as a typed config"
+        )
     raise ConfigError(
         f"nothing to validate: expected a root config with any of {sorted(SECTIONS)} "
         f"or one of those sections, got keys {sorted(keys)}"

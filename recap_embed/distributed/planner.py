@@ -71,6 +71,7 @@ from recap_embed.config import (
     TableSpec,
 )
 from recap_embed.config.resolve import config_prefix, parse_section
+from recap_embed.files import atomic_write_text
 
 __all__ = [
     "CPU_COMPUTE_KERNELS",
@@ -254,9 +255,7 @@ def save_plan_file(
     text = head + ',\n  "tables": {' + (f"\n{body}\n  " if body else "") + "}\n}\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def load_plan_file(path: Union[str, os.PathLike], *, config_path: str = "sharding.plan_file") -> PlanFile:
@@ -476,6 +475,8 @@ def build_constraints(
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import CacheParams
 
+    from recap_embed.optim.fused import DENSE_OPTIMIZER_CLASSES
+
     explicit = explicit or {}
     per_table = values.tables
     problems: List[Tuple[str, str]] = []
@@ -493,6 +494,13 @@ def build_constraints(
                 problems.append((f"{path}.compute_kernels", f"{bad} need CUDA; allowed on CPU: dense, fused"))
                 continue
         cand_types = types or list(ShardingType if device_type == "cuda" else CPU_SHARDING_TYPES)
+        if OptimizerAlgorithm(spec.optimizer.algorithm) not in DENSE_OPTIMIZER_CLASSES:
+            # No torch optimizer to train a replicated copy with: fused placements only.
+            if types and ShardingType.data_parallel in types and len(types) == 1:
+                problems.append((f"{path}.sharding_types", f"table {spec.key!r}: data_parallel needs a torch optimizer, and {spec.optimizer.algorithm.name} has none; allowed: any other sharding type"))
+                continue
+            cand_types = [st for st in cand_types if st is not ShardingType.data_parallel]
+            types = cand_types
         cand_kernels = kernels or list(ComputeKernel if device_type == "cuda" else CPU_COMPUTE_KERNELS)
         if not any(_kernel_ok(st, ck) for st in cand_types for ck in cand_kernels):
             problems.append((

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Mapping, Any, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import DictConfig
 import torch.distributed as dist
 from torch import nn
 
@@ -133,7 +134,10 @@ def _check(values: Any, prefix: str, specs: List[Any], device_type: str, shardin
     """Config rules against the target device, and table keys the sharding section names."""
     problems: List[Tuple[str, str]] = []
     try:
-        validate(sharding_cfg if sharding_cfg is not None else {"device": values.device}, device=device_type)
+        section = sharding_cfg if sharding_cfg is not None else {"device": values.device}
+        if isinstance(section, Mapping) and not isinstance(section, DictConfig):
+            section = {"sharding": section}  # a bare dict: say which section it is
+        validate(section, device=device_type, path=prefix)
     except ConfigValidationError as e:
         problems.extend(e.problems)
     keys = sorted(s.key for s in specs)

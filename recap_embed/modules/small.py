@@ -61,7 +61,7 @@ def small_tables(
     ConfigValidationError (all problems at once, each naming its config path).
     """
     checked_validate({SECTION: {"tables": tables}}, SECTION, path, num_discrete_features=num_discrete_features)
-    values = to_container({"tables": tables}, SmallEmbeddingsConfig)
+    values = to_container({"tables": tables})
     out = []
     for key, table in (values.get("tables") or {}).items():
         name = str(table.get("name") or key)

@@ -14,22 +14,13 @@ group of more than one rank it is a collective: every rank must call it with the
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["table_stats"]
-
-
-def _large_embeddings(model: nn.Module) -> List[Tuple[str, Any]]:
-    from torchrec.distributed.model_parallel import get_unwrapped_module
-
-    from .large import LargeEmbeddings
-
-    root = get_unwrapped_module(model)
-    return [(p, m) for p, m in root.named_modules() if isinstance(m, LargeEmbeddings)]
 
 
 def _group(model: nn.Module) -> Optional[Any]:
@@ -46,7 +37,9 @@ def table_stats(model: nn.Module, tables: Optional[Sequence[str]] = None) -> Dic
 
     `tables`: names or keys (default: every LargeEmbeddings' ``tables_to_log``).
     """
-    modules = _large_embeddings(model)
+    from recap_embed.optim.fused import large_embeddings
+
+    modules = large_embeddings(model)
     if not modules:
         raise TypeError(f"{type(model).__name__} holds no LargeEmbeddings")
     if tables is None:

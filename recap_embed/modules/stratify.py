@@ -63,7 +63,7 @@ class Stratifiers:
 
     def __init__(self, strata: Optional[Mapping[str, Any]] = None, *, path: str = SECTION) -> None:
         checked_validate({SECTION: {"strata": strata or {}}}, SECTION, path)
-        values = to_container({"strata": strata or {}}, StratifiersConfig)
+        values = to_container({"strata": strata or {}})
         self.strata: Tuple[Stratifier, ...] = tuple(
             Stratifier(key, str(s.get("name") or key), s["index"], s["value"], f"{path}.strata.{key}")
             for key, s in (values.get("strata") or {}).items()

@@ -116,7 +116,7 @@ def dense_table_optimizer_args(
         raise ConfigError(
             f"{path}.optimizer.algorithm: {algorithm.name} has no torch implementation for a table "
             f"placed on data_parallel; constrain the table to a fused placement "
-            f"(sharding.tables.<key>.sharding_types=[table_wise])"
+            f"(sharding.tables.{path.rsplit('.', 1)[-1]}.sharding_types=[table_wise])"
         )
     cls = DENSE_OPTIMIZER_CLASSES[algorithm]
     lr = float(opt.init_learning_rate)

@@ -25,6 +25,8 @@ import torch  # noqa: F401  (loaded before torchrec)
 import torchrec  # noqa: F401  (loads fbgemm_gpu, which logs each library at INFO: the app quiets that)
 from omegaconf import DictConfig, OmegaConf
 
+from recap_embed.files import atomic_write_text
+
 from recap_embed.config import (
     ComputeKernel,
     ConfigError,
@@ -168,7 +170,7 @@ class PlanReport:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"plan.json": out / "plan.json", "plan.txt": out / "plan.txt"}
         save_plan_file(paths["plan.json"], self.placements, world_size=self.topology.world_size, device_type=self.device_type)
-        paths["plan.txt"].write_text(self.format() + "\n")
+        atomic_write_text(paths["plan.txt"], self.format() + "\n")
         return paths
 
     def format(self, max_rows: Optional[int] = None) -> str:

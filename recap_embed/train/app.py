@@ -8,7 +8,6 @@ the app has no config dir of its own. torch is imported only when a job runs: `-
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -17,22 +16,19 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import recap_embed.config  # noqa: F401  (registers the groups)
+from recap_embed.errors import current_rank
 import recap_embed.train.config  # noqa: F401  (registers the app's schema)
 
 log = logging.getLogger("recap_embed.train")
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 # `${recap_embed_rank0:value}`: the value on rank 0, null elsewhere (files written once).
-OmegaConf.register_new_resolver("recap_embed_rank0", lambda value: value if _rank() == 0 else None, replace=True)
+OmegaConf.register_new_resolver("recap_embed_rank0", lambda value: value if current_rank() == 0 else None, replace=True)
 
 
 def _quiet_other_ranks() -> None:
     """Ranks other than 0 log warnings and errors to the console only, never to the run's log file."""
-    if _rank() == 0:
+    if current_rank() == 0:
         return
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -198,7 +198,3 @@ def make_batch(examples: Examples, rows: torch.Tensor) -> Batch:
 
 def num_batches(n: int, global_batch_size: int, drop_last: bool = True) -> int:
     return n // global_batch_size if drop_last else -(-n // global_batch_size)
-
-
-def discrete_width(columns: List[str]) -> int:
-    return len(columns)

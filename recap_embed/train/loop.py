@@ -15,12 +15,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
 from recap_embed.config import ConfigError, table_specs, validate
 from recap_embed.errors import RANK_FAILURES
+from recap_embed.files import atomic_write_text
 from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
 from recap_embed.instantiate import check_targets, instantiate
 from recap_embed.io.checkpoint import PendingCheckpoint, save_checkpoint
@@ -193,7 +194,7 @@ class Trainer:
         text = format_plan(rows)
         if self.rank == 0:
             save_plan_file(self.output_dir / "plan.json", plan_placements(self.model), world_size=self.world)
-            (self.output_dir / "plan.txt").write_text(text + "\n")
+            atomic_write_text(self.output_dir / "plan.txt", text + "\n")
         return text
 
     # ------------------------------------------------------------------ loop
@@ -302,9 +303,7 @@ def _progress(total: int, enabled: bool):
 
 def _write_json(path: Path, payload: Dict[str, Any]) -> None:
     """Write atomically: a crash never leaves half a metrics file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=_json_default, allow_nan=True) + "\n")
 
 
 def _json_default(value: Any) -> Any:

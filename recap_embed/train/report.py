@@ -20,6 +20,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from recap_embed.files import atomic_write_text
+
 log = logging.getLogger("recap_embed.train")
 
 COLUMNS = ("job", "overrides", "eval_auroc", "eval_loss", "seconds_per_step", "train_seconds", "steps")
@@ -71,8 +73,8 @@ def write_report(sweep_dir: Path) -> Optional[Dict[str, Path]]:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(paths["csv"], buf.getvalue())
-    _atomic_write(paths["md"], markdown_table(rows))
+    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["md"], markdown_table(rows))
     plot(rows, axis, paths["png"])
     return paths
 
@@ -114,12 +116,6 @@ def plot(rows: List[Dict[str, Any]], axis: Optional[str], path: Path) -> None:
 
 def _num(value: Any, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class SweepReport(Callback):
