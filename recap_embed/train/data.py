@@ -174,26 +174,35 @@ def batches(
     shuffle_seed: Optional[int] = None,
     drop_last: bool = True,
 ) -> Iterator[Batch]:
-    """This rank's share of each global batch: rows [rank * B/W, (rank + 1) * B/W) of it."""
+    """This rank's equal share of each global batch: rows [rank * B/W, (rank + 1) * B/W) of it.
+
+    Shuffling permutes the split once per epoch, so each batch is a slice (no gather per step).
+    Every rank gets the same number of batches, each non-empty: sharded lookups are collective,
+    and a rank that skipped one would leave the others waiting. Without `drop_last` the last,
+    smaller batch is split evenly too, dropping the fewer than `world_size` rows left over.
+    """
+    if global_batch_size % world_size:
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the {world_size} ranks")
+    if shuffle_seed is not None:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(shuffle_seed))
+        examples = Examples(examples.user_ids[order], examples.item_ids[order], examples.discrete[order], examples.clicks[order])
     n = len(examples)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed)) if shuffle_seed is not None else torch.arange(n)
-    per_rank = global_batch_size // world_size
-    end = n - n % global_batch_size if drop_last else n
-    for start in range(0, end, global_batch_size):
-        rows = order[start : start + global_batch_size][rank * per_rank : (rank + 1) * per_rank]
-        if rows.numel() == 0:
-            continue
-        yield make_batch(examples, rows)
+    usable = n - n % global_batch_size if drop_last else n - n % world_size
+    for start in range(0, usable, global_batch_size):
+        share = (min(start + global_batch_size, usable) - start) // world_size
+        lo = start + rank * share
+        yield make_batch(examples, lo, lo + share)
 
 
-def make_batch(examples: Examples, rows: torch.Tensor) -> Batch:
-    b = rows.numel()
+def make_batch(examples: Examples, lo: int, hi: int) -> Batch:
+    """Rows [lo, hi) as a batch: features `user` and `item`, one raw id (or row) per example."""
+    b = hi - lo
     sparse = KeyedJaggedTensor(
         keys=["user", "item"],
-        values=torch.cat([examples.user_ids[rows], examples.item_ids[rows]]),
+        values=torch.cat([examples.user_ids[lo:hi], examples.item_ids[lo:hi]]),
         lengths=torch.ones(2 * b, dtype=torch.int32),
     )
-    return Batch(sparse, examples.discrete[rows], examples.clicks[rows])
+    return Batch(sparse, examples.discrete[lo:hi], examples.clicks[lo:hi])
 
 
 def num_batches(n: int, global_batch_size: int, drop_last: bool = True) -> int:

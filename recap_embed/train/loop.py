@@ -119,6 +119,9 @@ class Trainer:
         self.examples = all_ranks(prepare_data, cfg, self.rank)
         large, small = all_ranks(self._build_modules)
         self.vocab = VocabMapper({f: large.vocabs[s.name] for s in large.specs if s.name in large.vocabs for f in s.feature_names})
+        # Raw ids become rows once per split, vectorised over the whole split, so the step does not
+        # pay for it (the mapper would do the same per batch; see BENCHMARKS.md, section 7).
+        self.examples = {split: self._to_rows(examples) for split, examples in self.examples.items()}
         model = RecapModel(large, small, list(cfg.model.hidden), cfg.model.interaction)
         self.model = shard(model, cfg.sharding, device=self.device)
         self.specs = large.specs
@@ -173,8 +176,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
 
+    def _to_rows(self, examples: Examples) -> Examples:
+        vocabs = self.vocab.vocabs
+        user = vocabs["user"].map(examples.user_ids) if "user" in vocabs else examples.user_ids
+        item = vocabs["item"].map(examples.item_ids) if "item" in vocabs else examples.item_ids
+        return Examples(user, item, examples.discrete, examples.clicks)
+
     def _batch(self, batch: Batch) -> Batch:
-        batch = Batch(self.vocab(batch.sparse), batch.discrete, batch.labels)
         return batch.to(self.device)
 
     def evaluate(self) -> Dict[str, float]:
