@@ -136,3 +136,21 @@ def test_config_only_commands_do_not_import_torch():
     out = run([sys.executable, "-c", code], cwd=TESTS)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "embeddings:" in out.stdout
+
+
+def test_own_parquet_data_with_the_same_columns(tmp_path: Path):
+    from recap_embed.train.config import SyntheticConfig
+    from recap_embed.train.data import generate_synthetic
+
+    # "Your own data": parquet files and vocabs somewhere else, named on the command line.
+    own = generate_synthetic(tmp_path / "mine", SyntheticConfig(num_train=40_000, num_eval=8_000), seed=3)
+    out = train_cli(
+        "train.progress=false", "train.max_steps=30", f"hydra.run.dir={tmp_path / 'run'}",
+        "data.source=parquet", f"data.train_path={own / 'train.parquet'}", f"data.eval_path={own / 'eval.parquet'}",
+        f"embeddings.tables.user.vocab={own / 'vocab' / 'user'}", f"embeddings.tables.item.vocab={own / 'vocab' / 'item'}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = metrics_of(tmp_path / "run")
+    assert metrics["steps"] == 30 and metrics["best_possible_eval_auroc"] is None
+    assert not (tmp_path / "run" / "data").exists()  # nothing generated
