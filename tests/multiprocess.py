@@ -4,7 +4,7 @@ Pattern of torchrec/distributed/test_utils/multi_process.py: fresh ``spawn`` pro
 MASTER_PORT, ``GLOO_DEVICE_TRANSPORT=TCP``, LOCAL_RANK / LOCAL_WORLD_SIZE set. A rank that
 raises fails the call with its traceback; ranks still running after `timeout` seconds (e.g.
 blocked in a collective a failed peer never joined) are killed and the call fails, so a hang
-becomes a test failure instead of a stuck session.
+becomes a test failure instead of a stuck test run.
 
 ``fn(rank, world_size, *args)`` must be a module-level function; arguments and results must be
 picklable. Starting a rank (importing torch and torchrec) costs seconds: batch many checks into
