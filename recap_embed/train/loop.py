@@ -125,7 +125,10 @@ class Trainer:
         model = RecapModel(large, small, list(cfg.model.hidden), cfg.model.interaction)
         self.model = shard(model, cfg.sharding, device=self.device)
         self.specs = large.specs
-        self.pretrained = load_pretrained(self.model, self.specs)
+        # Rows stream straight into the weights (no staging copy: 1.8x faster, +0.07x memory instead
+        # of +1.07x). The weights are fresh initialisation, so an I/O error mid-table loses nothing:
+        # the job stops, and the snapshot was checked (manifest, names, shapes, sizes) beforehand.
+        self.pretrained = load_pretrained(self.model, self.specs, staging=False)
         dense = cfg.train.dense_optimizer
         dense_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[dense.name]
         self.optimizer = combined_optimizer(self.model, lambda params: dense_cls(params, lr=dense.lr, weight_decay=dense.weight_decay))
