@@ -81,7 +81,8 @@ class EmbeddingLRScheduler:
         self.unscheduled: List[str] = missing
         self.last_step = last_step
         self._last_lr: Dict[str, float] = {}
-        self.step()
+        self.last_step += 1
+        self._apply(force=True)
 
     # ------------------------------------------------------------------ protocol
 
@@ -95,10 +96,13 @@ class EmbeddingLRScheduler:
         self.last_step += 1
         self._apply()
 
-    def _apply(self) -> None:
+    def _apply(self, force: bool = False) -> None:
         self._last_lr = {name: self.lr_at(name, self.last_step) for name in self.specs}
         for group, fused, tables in self._groups:
-            group["lr"] = self._last_lr[tables[0]]
+            lr = self._last_lr[tables[0]]
+            if not force and group.get("lr") == lr:
+                continue  # unchanged: the kernel already has it (most steps of most schedules)
+            group["lr"] = lr
             if fused is not None:
                 fused.step()  # EmbeddingFusedOptimizer.step only pushes param_groups[0]["lr"] into the kernel
 
@@ -112,7 +116,7 @@ class EmbeddingLRScheduler:
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Resume at the saved step; the rates are recomputed from the (current) schedules."""
         self.last_step = int(state_dict["last_step"])
-        self._apply()
+        self._apply(force=True)
         saved = state_dict.get("last_lr") or {}
         changed = {t: (saved[t], lr) for t, lr in self._last_lr.items() if t in saved and abs(saved[t] - lr) > 1e-12 * max(1.0, abs(lr))}
         if changed:
