@@ -26,6 +26,17 @@ def clean_hydra() -> Iterator[None]:
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture(autouse=True)
+def own_process_group() -> Iterator[None]:
+    """`shard` in one process creates a one-rank default group; drop it after the test that made it."""
+    import torch.distributed as dist
+
+    before = dist.is_initialized()
+    yield
+    if dist.is_initialized() and not before:
+        dist.destroy_process_group()
+
+
 def compose_app(overrides: Optional[List[str]] = None, config_dir: Path = MINIMAL_APP / "conf", config_name: str = "train"):
     """Compose `config_name` from `config_dir` with recap_embed's groups on the search path."""
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):

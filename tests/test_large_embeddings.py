@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from typing import Dict, Iterator
+from typing import Dict
 
 import pytest
 import torch
@@ -19,15 +19,6 @@ from multiprocess import full_weight, load_full_weights, reference_pool
 from recap_embed.config import ConfigError, ConfigValidationError, LargeEmbeddingsConfig
 from recap_embed.distributed import describe_plan, load_plan_file, plan_placements, resolve_device, save_plan_file, shard
 from recap_embed.modules import LargeEmbeddings, table_stats
-
-
-@pytest.fixture(autouse=True)
-def own_process_group() -> Iterator[None]:
-    """shard() in one process creates a one-rank default group; drop it after each test."""
-    before = dist.is_initialized()
-    yield
-    if dist.is_initialized() and not before:
-        dist.destroy_process_group()
 
 
 def embeddings(tables: Dict[str, dict], **kw) -> dict:

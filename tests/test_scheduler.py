@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
@@ -14,14 +11,6 @@ from multiprocess import full_weight, load_full_weights
 from recap_embed.distributed import describe_plan, shard
 from recap_embed.modules import LargeEmbeddings
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer, dense_parameters, fused_optimizer, table_optimizer
-
-
-@pytest.fixture(autouse=True)
-def own_process_group() -> Iterator[None]:
-    before = dist.is_initialized()
-    yield
-    if dist.is_initialized() and not before:
-        dist.destroy_process_group()
 
 
 PIECEWISE = {"piecewise_constant": {"learning_rate_boundaries": [1], "learning_rate_values": [0.1, 1.0]}}
