@@ -112,21 +112,17 @@ RULES = {
     "device_unknown": Case(["sharding.device=tpu"], "sharding.device", ["'tpu'", "auto, cpu, cuda, cuda:N"]),
     "hbm_cap_zero": Case(["sharding.hbm_cap_gb=0"], "sharding.hbm_cap_gb", ["0", "positive size in GB"]),
     "ddr_cap_negative": Case(["sharding.ddr_cap_gb=-8"], "sharding.ddr_cap_gb", ["-8", "positive size in GB"]),
-    "cache_load_factor": Case(["sharding.tables.user.cache_load_factor=1.5"], "sharding.tables.user.cache_load_factor", ["1.5", "(0, 1]"]),
+    "cache_load_factor": Case(["+sharding.tables={user: {cache_load_factor: 1.5}}"], "sharding.tables.user.cache_load_factor", ["1.5", "(0, 1]"]),
     "plan_unknown_table": Case(
-        ["sharding.plan.nope.sharding_type=table_wise", "sharding.plan.nope.compute_kernel=fused"],
+        ["+sharding.plan={nope: {sharding_type: table_wise, compute_kernel: fused}}"],
         "sharding.plan.nope", ["'nope'", "not a table", "tweet, user"],
     ),
     "plan_row_wise_cpu": Case(
-        ["sharding.plan.user.sharding_type=row_wise", "sharding.plan.user.compute_kernel=fused"],
+        ["+sharding.plan={user: {sharding_type: row_wise, compute_kernel: fused}}"],
         "sharding.plan.user.sharding_type", ["row_wise", "needs CUDA", "table_wise"],
     ),
-    "table_grid_shard_cpu": Case(["sharding.tables.user.sharding_types=[grid_shard]"], "sharding.tables.user.sharding_types[0]", ["grid_shard", "allowed on CPU"]),
+    "table_grid_shard_cpu": Case(["+sharding.tables={user: {sharding_types: [grid_shard]}}"], "sharding.tables.user.sharding_types[0]", ["grid_shard", "allowed on CPU"]),
     "stratum_value_missing": Case(["stratifiers.strata.device_0.value=???"], "stratifiers.strata.device_0.value", ["missing", "int"]),
-    "table_unknown_key": Case([f"{T}.frobnicate=1"], f"{T}.frobnicate", ["not a field of EmbeddingBagConfig", "num_embeddings", "pooling"]),
-    "snapshot_unknown_key": Case([f"{T}.pretrained.uri=/snap"], f"{T}.pretrained.uri", ["not a field of EmbeddingSnapshot", "embedding_snapshot_uri"]),
-    "pooling_enum": Case([f"{T}.pooling=max"], f"{T}.pooling", ["'max'", "sum, mean"]),
-    "rows_not_int": Case([f"{T}.num_embeddings=lots"], f"{T}.num_embeddings", ["'lots'", "int"]),
 }
 
 
@@ -148,6 +144,12 @@ def compose_error(overrides: List[str]) -> str:
 
 
 COMPOSE = {
+    # Tables are typed nodes: these fail when the config is composed, naming the full key.
+    "table_unknown_key": Case([f"{T}.frobnicate=1"], f"{T}.frobnicate", ["frobnicate", "not in 'EmbeddingBagConfig'"]),
+    "snapshot_unknown_key": Case([f"{T}.pretrained.uri=/snap"], f"{T}.pretrained.uri", ["'uri' not in 'EmbeddingSnapshot'"]),
+    "pooling_enum": Case([f"{T}.pooling=max"], f"{T}.pooling", ["'max'", "sum, mean"]),
+    "rows_not_int": Case([f"{T}.num_embeddings=lots"], f"{T}.num_embeddings", ["'lots'", "Integer"]),
+    "unknown_table": Case(["embeddings.tables.usr.embedding_dim=8"], "embeddings.tables.usr", ["'usr'", "not in struct"]),
     "collection_dim_type": Case(["embeddings.embedding_dim=sixteen"], "embeddings.embedding_dim", ["'sixteen'", "Integer"]),
     "collection_unknown_key": Case(["embeddings.frobnicate=1"], "embeddings.frobnicate", ["Key 'frobnicate' not in 'LargeEmbeddingsConfig'"]),
     "tables_to_log_type": Case(["embeddings.tables_to_log=user"], "embeddings.tables_to_log", ["user"]),
@@ -170,14 +172,14 @@ def test_compose_rejects(name: str) -> None:
 PRESETS = {
     # file content of conf/embeddings/mine.yaml, path, words
     "yaml_type_error": ("defaults: [base, _self_]\nembedding_dim: sixteen\ntables: {t: {num_embeddings: 10}}\n", "embeddings.embedding_dim", ["sixteen", "Integer"]),
-    "yaml_table_typo": ("defaults: [base, _self_]\ntables: {t: {num_embedings: 10}}\n", "embeddings.tables.t.num_embedings", ["not a field of EmbeddingBagConfig", "num_embeddings"]),
+    "yaml_table_typo": ("defaults: [base, _self_]\ntables: {t: {num_embedings: 10}}\n", "embeddings.tables.t.num_embedings", ["'num_embedings' not in 'EmbeddingBagConfig'"]),
     # Hydra's message names the file, not the key (OmegaConf reports an empty full_key here).
     "yaml_tables_list": ("defaults: [base, _self_]\ntables: [t]\n", "embeddings/mine", ["Cannot merge DictConfig with ListConfig"]),
     "yaml_syntax": ("defaults: [base, _self_]\ntables: {t: {num_embeddings: 10}\n", "mine.yaml", ["line 2, column 9", "expected ',' or '}'"]),
 }
 SMALL_PRESETS = {
     "small_index_missing": ("defaults: [base, _self_]\ntables: {os: {num_embeddings: 3, embedding_dim: 4}}\n", "small_embeddings.tables.os.index", ["missing", "index"]),
-    "small_dim_type": ("defaults: [base, _self_]\ntables: {os: {num_embeddings: 3, embedding_dim: four, index: 0}}\n", "small_embeddings.tables.os.embedding_dim", ["'four'", "int"]),
+    "small_dim_type": ("defaults: [base, _self_]\ntables: {os: {num_embeddings: 3, embedding_dim: four, index: 0}}\n", "small_embeddings.tables.os.embedding_dim", ["'four'", "Integer"]),
 }
 
 
@@ -297,7 +299,7 @@ APP = {
     "raw_ids_beyond_rows": ([f"{U}.vocab=null", f"{U}.num_embeddings=1000"], True, U, ["raw ids", "allowed: ids in [0, 1000)", f"{U}.vocab"]),
     "stratifier_beyond_width": (["stratifiers.strata.device_0.index=3"], False, "stratifiers.strata.device_0.index", ["3 is beyond the data's 3 discrete features", "0..2"]),
     "small_beyond_width": (["data.discrete_columns=[country,device]"], False, "small_embeddings.tables.hour.index", ["2 is beyond the data's 2 discrete features", "0..1"]),
-    "new_table_without_feature": (["embeddings.tables.clicks.num_embeddings=8"], False, "embeddings.tables.clicks", ["'clicks'", "user, item"]),
+    "new_table_without_feature": (["+embeddings.tables={{clicks: {{num_embeddings: 8}}}}"], False, "embeddings.tables.clicks", ["'clicks'", "user, item"]),
     "adam_on_cpu": (["embeddings/optimizer=adam", "sharding=cpu"], False, "embeddings.optimizer.algorithm", ["adam", "allowed on CPU", "rowwise_adagrad"]),
     "row_wise_on_cpu": (["sharding=cpu", "sharding.sharding_types=[row_wise]"], False, "sharding.sharding_types[0]", ["row_wise", "table_wise"]),
     "row_wise_preset_needs_cuda": (["sharding=row_wise"], False, "sharding.device", ["'cuda'", "no CUDA device", "auto or cpu"]),
@@ -371,7 +373,7 @@ CLI = {
     "override_type": CliCase("recap-embed-train", ["embeddings.embedding_dim=abc"], False, 1, "embeddings.embedding_dim", ["'abc'", "Integer"]),
     "override_unknown_key": CliCase("recap-embed-train", ["train.nope=1"], False, 1, "train.nope", ["Key 'nope' not in 'TrainingConfig'"]),
     "delete_unknown_table": CliCase("recap-embed-train", ["~embeddings.tables.nope"], False, 1, "embeddings.tables.nope", ["does not exist"]),
-    "new_table_without_feature": CliCase("recap-embed-train", ["embeddings.tables.nope.num_embeddings=8"], False, 2, "embeddings.tables.nope", ["'nope'", "user, item"]),
+    "new_table_without_feature": CliCase("recap-embed-train", ["+embeddings.tables={nope: {num_embeddings: 8}}"], False, 2, "embeddings.tables.nope", ["'nope'", "user, item"]),
     "pretrained_missing": CliCase("recap-embed-train", [f"{P}.embedding_snapshot_uri=nowhere/snap"], False, 2, f"{P}.embedding_snapshot_uri", ["'nowhere/snap'", "does not exist"]),
     "vocab_missing": CliCase("recap-embed-train", [f"{U}.vocab=nowhere/vocab"], False, 2, U, ["'nowhere/vocab'", "does not exist"], before_data=False),
     "untrusted_target": CliCase("recap-embed-train", ["embeddings._target_=os.system"], False, 2, "embeddings._target_", ["'os.system'", "allowed prefixes"]),

@@ -109,15 +109,27 @@ def test_type_error_at_compose_names_the_path():
     assert cause.full_key == "embeddings.embedding_dim"
 
 
-def test_table_type_errors_and_unknown_keys_name_the_path():
-    # Table fields are open mappings at compose time (see LargeEmbeddingsConfig.tables);
-    # validate checks their keys and types with the full path.
-    cfg = compose_app(["embeddings.tables.user.embedding_dim=sixty-four", "embeddings.tables.tweet.embeding_dim=8"])
-    with pytest.raises(ConfigValidationError) as err:
-        validate(cfg, device="cpu")
-    paths = dict(err.value.problems)
-    assert "sixty-four" in paths["embeddings.tables.user.embedding_dim"]
-    assert "allowed: name, num_embeddings, embedding_dim" in paths["embeddings.tables.tweet.embeding_dim"]
+@pytest.mark.parametrize(
+    "override, full_key, words",
+    [
+        ("embeddings.tables.user.embedding_dim=sixty-four", "embeddings.tables.user.embedding_dim", ["sixty-four", "Integer"]),
+        ("embeddings.tables.tweet.embeding_dim=8", "embeddings.tables.tweet.embeding_dim", ["embeding_dim", "EmbeddingBagConfig"]),
+        ("embeddings.tables.user.data_type=bf17", "embeddings.tables.user.data_type", ["bf17", "fp32"]),
+        ("embeddings.tables.user.oov_policy=sometimes", "embeddings.tables.user.oov_policy", ["sometimes", "default_row"]),
+        ("embeddings.tables.user.optimizer.algorithm=adamw", "embeddings.tables.user.optimizer.algorithm", ["adamw", "rowwise_adagrad"]),
+        ("embeddings.tables.user.feature_names=user_id", "embeddings.tables.user.feature_names", ["user_id"]),
+        ("embeddings.tables.usr.embedding_dim=8", "embeddings.tables.usr", ["usr", "struct"]),  # a misspelt table name
+    ],
+)
+def test_table_errors_fail_at_compose_naming_the_full_key(override, full_key, words):
+    """Tables are typed nodes: a wrong type, an unknown field, a bad enum name or an unknown table
+    fails when the config is composed, before any app code runs."""
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_app([override])
+    cause = err.value.__cause__
+    assert getattr(cause, "full_key", None) == full_key, (cause, getattr(cause, "full_key", None))
+    for word in words:
+        assert word in str(err.value) + str(cause), word
 
 
 def test_table_field_the_preset_left_out_can_be_set():

@@ -26,9 +26,8 @@ ROUND_TRIP = [
     "topology.compute_device=cpu",
     "embeddings/tables=[author]",
     "embeddings.tables.author.num_embeddings=100",
-    "sharding.tables.author.sharding_types=[data_parallel]",
+    "+sharding.tables={author: {sharding_types: [data_parallel]}, tweet: {sharding_types: [column_wise]}}",
     "embeddings.tables.tweet.embedding_dim=256",
-    "sharding.tables.tweet.sharding_types=[column_wise]",
 ]
 
 

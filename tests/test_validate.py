@@ -34,7 +34,7 @@ def problems_of(overrides: List[str], **kwargs) -> dict:
         (["embeddings.tables_to_log=[user,item]"], "embeddings.tables_to_log[1]", ["'item'", "allowed: tweet, user"]),
         (["embeddings.tables.user.pretrained={emb_name: '', embedding_snapshot_uri: /snap}"], "embeddings.tables.user.pretrained.emb_name", ["empty"]),
         (["embeddings.tables.user.pretrained.embedding_snapshot_uri=''"], "embeddings.tables.user.pretrained.embedding_snapshot_uri", ["empty", "torchsnapshot"]),
-        (["embeddings.tables.user.pretrained.emb_name=user"], "embeddings.tables.user.pretrained.embedding_snapshot_uri", ["missing"]),
+        (["embeddings.tables.user.pretrained.emb_name=user"], "embeddings.tables.user.pretrained.embedding_snapshot_uri", ["not set", "no effect"]),
         (
             ["embeddings/lr=piecewise_constant", "embeddings.optimizer.learning_rate.piecewise_constant.learning_rate_boundaries=[100,50]"],
             "embeddings.optimizer.learning_rate.piecewise_constant.learning_rate_boundaries",
@@ -61,12 +61,9 @@ def problems_of(overrides: List[str], **kwargs) -> dict:
         (["embeddings.tables.user.optimizer.learning_rate.constant=-1"], "embeddings.tables.user.optimizer.learning_rate.constant", ["-1", ">= 0"]),
         (["embeddings.optimizer.init_learning_rate=-0.1"], "embeddings.optimizer.init_learning_rate", ["-0.1", ">= 0"]),
         (["embeddings.tables.user.oov_policy=hash"], "embeddings.tables.user.oov_buckets", ["oov_buckets > 0"]),
-        (["embeddings.tables.user.oov_policy=sometimes"], "embeddings.tables.user.oov_policy", ["'sometimes'", "error, default_row, hash"]),
         (["embeddings.tables.user.num_embeddings=null"], "embeddings.tables.user.num_embeddings", ["vocab"]),
-        (["embeddings.tables.user.data_type=int8"], "embeddings.tables.user.data_type", ["'int8'", "fp32, fp16"]),
-        (["embeddings.tables.user.feature_names=user_id"], "embeddings.tables.user.feature_names", ["not a list"]),
         (["sharding=table_wise", "sharding.sharding_types=[row_wise]"], "sharding.sharding_types[0]", ["row_wise", "CUDA", "table_wise"]),
-        (["sharding=auto", "sharding.tables.item.sharding_types=[table_wise]"], "sharding.tables.item", ["'item'", "tweet", "user"]),
+        (["sharding=auto", "+sharding.tables={item: {sharding_types: [table_wise]}}"], "sharding.tables.item", ["'item'", "tweet", "user"]),
         (["sharding=auto", "sharding.batch_size=0"], "sharding.batch_size", ["0", "positive integer"]),
     ],
 )

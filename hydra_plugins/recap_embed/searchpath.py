@@ -1,9 +1,9 @@
 """Makes recap_embed's config groups visible to every Hydra app once the package is installed.
 
-Hydra imports this module while discovering plugins, for every app: it must stay cheap
-(no torch). Importing `recap_embed.config` registers the typed schemas and the optimizer
-and schedule options; the YAML presets come from the package `recap_embed.conf` (the
-repository's top-level `conf/` folder, installed under that name).
+Hydra imports this module while discovering plugins, for every app, so it imports nothing of
+recap_embed and registers nothing: the groups are YAML (``conf/``, installed as the package
+``recap_embed.conf``), which Hydra reads only when an app uses them, and the typed schemas come
+from `schema_source`, built only when a preset asks for one.
 """
 
 import importlib.util
@@ -12,17 +12,21 @@ from pathlib import Path
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-import recap_embed.config  # noqa: F401  (registers the ConfigStore groups)
-
 
 def conf_search_path() -> str:
     """`pkg://recap_embed.conf` when installed; the checkout's `conf/` in a development install."""
-    if importlib.util.find_spec("recap_embed.conf") is not None:
-        return "pkg://recap_embed.conf"
-    checkout_conf = Path(recap_embed.config.__file__).resolve().parents[2] / "conf"
-    return checkout_conf.as_uri()
+    spec = importlib.util.find_spec("recap_embed")  # finds the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        package = Path(list(spec.submodule_search_locations)[0])
+        if (package / "conf" / "__init__.py").is_file():
+            return "pkg://recap_embed.conf"
+        checkout_conf = package.parent / "conf"
+        if checkout_conf.is_dir():
+            return checkout_conf.as_uri()
+    return "pkg://recap_embed.conf"
 
 
 class RecapEmbedSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         search_path.append(provider="recap_embed", path=conf_search_path())
+        search_path.append(provider="recap_embed", path="recap_embed://")

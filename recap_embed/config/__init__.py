@@ -1,14 +1,24 @@
 """The config layer: structured configs, their groups and their rules. Imports no torch.
 
-Importing this package registers the schemas and group options in Hydra's ConfigStore;
-the search-path plugin imports it, so any Hydra app sees the groups once the package is
-installed.
+Importing it has no side effects: the config groups are YAML presets (``conf/``) and the
+schemas are served by the search-path plugin, so any Hydra app sees the groups once the
+package is installed, and an app that does not use them pays nothing.
 """
 
 from .errors import ConfigError, ConfigValidationError
-from .resolve import TableSpec, effective_optimizer, resolve_device_type, table_specs
+from .resolve import (
+    EmbeddingsSpec,
+    ParsedConfig,
+    SmallTableSpec,
+    StratumSpec,
+    TableSpec,
+    effective_optimizer,
+    resolve_device_type,
+    table_specs,
+)
 from .schema import (
     CPU_ALGORITHMS,
+    CPU_COMPUTE_KERNELS,
     CPU_SHARDING_TYPES,
     EMBEDDINGS_KEY,
     ComputeKernel,
@@ -35,17 +45,22 @@ from .schema import (
     TableShardingConfig,
 )
 from .store import register_configs
-from .validate import validate
-
-register_configs()
+from .validate import ConfigWarning, check_device, validate
 
 __all__ = [
     "CPU_ALGORITHMS",
+    "CPU_COMPUTE_KERNELS",
     "CPU_SHARDING_TYPES",
     "EMBEDDINGS_KEY",
     "ComputeKernel",
     "ConfigError",
     "ConfigValidationError",
+    "ConfigWarning",
+    "EmbeddingsSpec",
+    "ParsedConfig",
+    "SmallTableSpec",
+    "StratumSpec",
+    "check_device",
     "DataType",
     "EmbeddingBagConfig",
     "EmbeddingOptimizerConfig",

@@ -10,8 +10,6 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
-from .schema import ITEMS
-
 T = TypeVar("T")
 MISSING_VALUE = "???"
 
@@ -24,10 +22,8 @@ def _fields(cls: type) -> Tuple[Tuple[str, Any, bool], ...]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if ITEMS in f.metadata:  # a keyed collection, open in OmegaConf, typed here
-            hints[f.name] = Dict[str, f.metadata[ITEMS]]  # type: ignore[valid-type]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if f.default == MISSING_VALUE:
+        if isinstance(f.default, str) and f.default == MISSING_VALUE:
             required = True
         out.append((f.name, hints[f.name], required))
     return tuple(out)

@@ -20,20 +20,17 @@ from omegaconf import MISSING
 #: Where the embeddings node lives in every app that uses the groups (package headers are absolute).
 EMBEDDINGS_KEY = "embeddings"
 
-#: Field metadata key naming the dataclass of each value of a keyed collection.
-ITEMS = "items"
+# Inherited settings. A table's field that it does not set is an interpolation of the collection's
+# field, so reading the table gives the effective value (`--cfg job --resolve` shows it) while one
+# key (`embeddings.embedding_dim=8`) still changes every table that sets none. The paths are
+# relative to the field: `.` is the node holding it, each further dot one level up.
+#: A table's `embedding_dim` default: the collection's (`embeddings.embedding_dim`).
+INHERIT_EMBEDDING_DIM = "${...embedding_dim}"
 
 
-def keyed(item_type: type) -> Any:
-    """A collection keyed by name (tables, strata, per-table placement) of `item_type` values.
-
-    Composed configs keep these as open mappings rather than typed OmegaConf nodes: OmegaConf
-    spends ~65 us per typed field per item, so a 1,000-table preset would take seconds to
-    compose. `validate` checks every key and type against `item_type` instead, naming the
-    path, and open mappings let the command line set a field, or add an item, that a preset
-    left out (`embeddings.tables.user.pooling=mean`, `sharding.tables.user.sharding_types=[...]`).
-    """
-    return field(default_factory=dict, metadata={ITEMS: item_type})
+def _inherit_optimizer(name: str) -> str:
+    """A table optimizer field's default: the same field of the collection's optimizer."""
+    return "${...." + f"optimizer.{name}" + "}"
 
 
 class DataType(Enum):
@@ -171,18 +168,25 @@ class EmbeddingOptimizerConfig:
 
 @dataclass
 class TableOptimizerConfig:
-    """A per-table override: every field left unset is taken from the collection's optimizer.
+    """A table's optimizer: each field it does not set is the collection optimizer's field.
 
-    (Addition to tml.) A schedule set here replaces the collection's schedule as a whole.
+    (Addition to tml.) The defaults are interpolations of ``embeddings.optimizer``, so reading
+    ``embeddings.tables.user.optimizer.algorithm`` gives the effective algorithm. The schedule is
+    the exception: null means the collection's schedule, and a schedule set here replaces the
+    collection's as a whole (choose one with ``+embeddings/lr@embeddings.tables.<t>.optimizer.learning_rate=...``).
     """
 
-    algorithm: Optional[OptimizerAlgorithm] = None
-    init_learning_rate: Optional[float] = None
-    learning_rate: Optional[LearningRate] = None
-    eps: Optional[float] = None
-    beta1: Optional[float] = None
-    beta2: Optional[float] = None
-    weight_decay: Optional[float] = None
+    algorithm: OptimizerAlgorithm = _inherit_optimizer("algorithm")  # type: ignore[assignment]
+    init_learning_rate: float = _inherit_optimizer("init_learning_rate")  # type: ignore[assignment]
+    learning_rate: Optional[LearningRate] = None  # null: the collection's schedule
+    eps: float = _inherit_optimizer("eps")  # type: ignore[assignment]
+    beta1: float = _inherit_optimizer("beta1")  # type: ignore[assignment]
+    beta2: float = _inherit_optimizer("beta2")  # type: ignore[assignment]
+    weight_decay: float = _inherit_optimizer("weight_decay")  # type: ignore[assignment]
+
+
+#: Fields of `TableOptimizerConfig` inherited by interpolation (all but the schedule).
+INHERITED_OPTIMIZER_FIELDS = ("algorithm", "init_learning_rate", "eps", "beta1", "beta2", "weight_decay")
 
 
 # --------------------------------------------------------------------------- large tables
@@ -190,10 +194,10 @@ class TableOptimizerConfig:
 
 @dataclass
 class EmbeddingSnapshot:
-    """A pretrained table: where its weights come from."""
+    """A pretrained table: where its weights come from (no URI: no warm start)."""
 
     emb_name: Optional[str] = None  # name of the table inside the snapshot; null: the table's name
-    embedding_snapshot_uri: str = MISSING  # path or URI (fs, s3://, gs://) of a torchsnapshot
+    embedding_snapshot_uri: Optional[str] = None  # path or URI (fs, s3://, gs://) of a torchsnapshot
     allow_partial_rows: bool = False  # (addition) copy the first min(rows) rows if sizes differ
 
 
@@ -201,20 +205,23 @@ class EmbeddingSnapshot:
 class EmbeddingBagConfig:
     """One embedding table of the EmbeddingBagCollection, keyed by its name in `tables`.
 
-    In a composed config a table is an open mapping with these keys (see
-    `LargeEmbeddingsConfig.tables`); `validate` checks keys and types against this class.
+    In a composed config each table is a typed node of this class: a misspelt field, a wrong
+    type or a bad enum name fails at compose time with its full key. `embedding_dim` and the
+    optimizer's fields default to the collection's (see `INHERIT_EMBEDDING_DIM`).
     """
 
     name: Optional[str] = None  # defaults to the table's key in `tables`
     num_embeddings: Optional[int] = None  # rows; null derives them from `vocab`
-    embedding_dim: Optional[int] = None  # null: the collection's `embedding_dim`
-    pretrained: Optional[EmbeddingSnapshot] = None  # warm start from a torchsnapshot
+    embedding_dim: int = INHERIT_EMBEDDING_DIM  # type: ignore[assignment]  # default: the collection's
+    # Warm start from a torchsnapshot. Always a node (its URI null: none), so that
+    # `embeddings.tables.user.pretrained.embedding_snapshot_uri=...` works from the command line.
+    pretrained: EmbeddingSnapshot = field(default_factory=EmbeddingSnapshot)
     vocab: Optional[str] = None  # directory of parquet files: columns `id` (raw) and `row`
     oov_policy: OovPolicy = OovPolicy.error  # (addition) ids missing from `vocab`
     oov_buckets: int = 0  # (addition) extra rows for oov_policy=hash
     data_type: DataType = DataType.fp32
     pooling: PoolingMode = PoolingMode.sum
-    optimizer: Optional[TableOptimizerConfig] = None  # override of the collection's optimizer
+    optimizer: TableOptimizerConfig = field(default_factory=TableOptimizerConfig)  # default: the collection's
     feature_names: List[str] = field(default_factory=list)  # empty: [name]
 
 
@@ -225,7 +232,7 @@ class LargeEmbeddingsConfig:
     _target_: str = "recap_embed.modules.LargeEmbeddings"
     # The tables hold no `_target_`s: skip Hydra's recursive walk over them (0.4 s at 3,000 tables).
     _recursive_: bool = False
-    tables: Dict[str, Any] = keyed(EmbeddingBagConfig)
+    tables: Dict[str, EmbeddingBagConfig] = field(default_factory=dict)
     optimizer: EmbeddingOptimizerConfig = field(default_factory=EmbeddingOptimizerConfig)
     tables_to_log: List[str] = field(default_factory=list)  # tables whose statistics are logged
     embedding_dim: int = 16  # (addition) dim of every table that sets none
@@ -250,7 +257,7 @@ class SmallEmbeddingsConfig:
     """Small tables trained by the model's dense optimizer."""
 
     _target_: str = "recap_embed.modules.SmallEmbeddings"
-    tables: Dict[str, Any] = keyed(SmallEmbeddingBagConfig)
+    tables: Dict[str, SmallEmbeddingBagConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -267,7 +274,7 @@ class StratifiersConfig:
     """(Addition) The strata metrics are also reported for, keyed by name."""
 
     _target_: str = "recap_embed.modules.Stratifiers"
-    strata: Dict[str, Any] = keyed(StratifierConfig)
+    strata: Dict[str, StratifierConfig] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- placement
@@ -302,6 +309,10 @@ class ShardingConfig:
     batch_size: int = 512  # examples per rank and step, for the planner's estimates
     hbm_cap_gb: Optional[float] = None  # GPU memory per rank the planner may use
     ddr_cap_gb: Optional[float] = None  # host memory per rank the planner may use
-    tables: Dict[str, Any] = keyed(TableShardingConfig)  # per-table constraints
-    plan: Dict[str, Any] = keyed(TablePlacement)  # explicit placements
+    tables: Dict[str, TableShardingConfig] = field(default_factory=dict)  # per-table constraints
+    plan: Dict[str, TablePlacement] = field(default_factory=dict)  # explicit placements
     plan_file: Optional[str] = None  # plan.json written by recap-embed-plan
+
+
+#: Compute kernels a CPU can run.
+CPU_COMPUTE_KERNELS = frozenset({ComputeKernel.fused, ComputeKernel.dense})

@@ -1,27 +1,25 @@
-"""Registers the schemas and the Python-defined group options in Hydra's ConfigStore.
+"""The sections an app's root config may hold, and an opt-in ConfigStore registration.
 
-YAML presets (tables, collections, strata, placements) live in the package's ``conf/`` folder,
-which the search-path plugin adds to every Hydra app; the options that are pure schema live
-here so they are typed. Group names are public: other apps and tests rely on them.
+Nothing is registered on import: the groups are YAML presets under ``conf/`` and the schemas are
+served by the search-path plugin's config source (``/recap_embed/schema/<section>``), so
+installing the package changes nothing for an app that does not use them. `register_configs`
+puts the same schemas into Hydra's ConfigStore, under the same private group, for a program
+that composes without plugin discovery.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+from pathlib import Path
+from typing import Dict, List
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from .schema import (
     EMBEDDINGS_KEY,
-    ITEMS,
     EmbeddingOptimizerConfig,
     LargeEmbeddingsConfig,
-    LearningRate,
-    LinearRampToConstant,
-    LinearRampToCosine,
     OptimizerAlgorithm,
-    PiecewiseConstant,
     ShardingConfig,
     SmallEmbeddingsConfig,
     StratifiersConfig,
@@ -29,7 +27,10 @@ from .schema import (
 
 PROVIDER = "recap_embed"
 
-#: The sections an app's root config may hold (each a group with a `base` schema option).
+#: The group of the section schemas (private: no app's own config file can match it).
+SCHEMA_GROUP = "recap_embed/schema"
+
+#: The sections an app's root config may hold, and the schema of each.
 SECTIONS = {
     EMBEDDINGS_KEY: LargeEmbeddingsConfig,
     "small_embeddings": SmallEmbeddingsConfig,
@@ -37,68 +38,45 @@ SECTIONS = {
     "sharding": ShardingConfig,
 }
 
-#: Options of `embeddings/optimizer`, each a fused algorithm with sensible hyper-parameters.
-OPTIMIZERS = {
-    "sgd": EmbeddingOptimizerConfig(algorithm=OptimizerAlgorithm.sgd, init_learning_rate=0.01),
-    "adagrad": EmbeddingOptimizerConfig(algorithm=OptimizerAlgorithm.adagrad, init_learning_rate=0.01),
-    "rowwise_adagrad": EmbeddingOptimizerConfig(
-        algorithm=OptimizerAlgorithm.rowwise_adagrad, init_learning_rate=0.01
-    ),
-    "adam": EmbeddingOptimizerConfig(algorithm=OptimizerAlgorithm.adam, init_learning_rate=0.001),
-    "partial_rowwise_adam": EmbeddingOptimizerConfig(
-        algorithm=OptimizerAlgorithm.partial_rowwise_adam, init_learning_rate=0.001
-    ),
-    "lamb": EmbeddingOptimizerConfig(algorithm=OptimizerAlgorithm.lamb, init_learning_rate=0.001),
-}
 
-# Schedules follow the optimizer's init_learning_rate unless overridden (relative interpolation
-# from the schedule node up to `embeddings.optimizer`).
-_PEAK = "${...init_learning_rate}"
-
-#: Options of `embeddings/lr`, the four schedules of tml (the collection's schedule).
-SCHEDULES = {
-    "constant": LearningRate(constant="${..init_learning_rate}"),  # type: ignore[arg-type]
-    "linear_ramp_to_constant": LearningRate(
-        linear_ramp_to_constant=LinearRampToConstant(learning_rate=_PEAK, num_ramp_steps=1000)  # type: ignore[arg-type]
-    ),
-    "linear_ramp_to_cosine": LearningRate(
-        linear_ramp_to_cosine=LinearRampToCosine(
-            learning_rate=_PEAK,  # type: ignore[arg-type]
-            final_learning_rate=0.0,
-            num_ramp_steps=1000,
-            final_num_steps=10000,
-        )
-    ),
-    "piecewise_constant": LearningRate(
-        piecewise_constant=PiecewiseConstant(
-            learning_rate_boundaries=[1000, 5000],
-            learning_rate_values=["${....init_learning_rate}", 0.001, 0.0001],  # type: ignore[list-item]
-        )
-    ),
-}
+def register_configs() -> None:
+    """Store every section schema as ``recap_embed/schema/<section>``; idempotent."""
+    cs = ConfigStore.instance()
+    for section, schema in SECTIONS.items():
+        cs.store(group=SCHEMA_GROUP, name=section, node=schema, provider=PROVIDER)
 
 
-def schema_node(schema: type) -> DictConfig:
-    """`schema` as a node whose keyed collections (see `schema.keyed`) are open mappings."""
-    node = OmegaConf.structured(schema)
-    for f in fields(schema):
-        if ITEMS in f.metadata:
-            OmegaConf.set_struct(node[f.name], False)
+# --------------------------------------------------------------------------- the YAML options
+
+#: The package folder of the YAML presets (``conf/`` of the repository, ``recap_embed/conf`` installed).
+def conf_dir() -> Path:
+    installed = Path(__file__).resolve().parents[1] / "conf"
+    return installed if (installed / "__init__.py").is_file() else Path(__file__).resolve().parents[2] / "conf"
+
+
+def preset(group: str, name: str) -> DictConfig:
+    """The YAML option `name` of `group` (e.g. ``embeddings/lr``, ``constant``), unresolved."""
+    node = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
+    assert isinstance(node, DictConfig)
     return node
 
 
-def register_configs() -> None:
-    """Store every schema and option; idempotent (the ConfigStore overwrites same names)."""
-    cs = ConfigStore.instance()
-    for group, schema in SECTIONS.items():
-        cs.store(group=group, name="base", node=schema_node(schema), provider=PROVIDER)
-    for name, optimizer in OPTIMIZERS.items():
-        cs.store(group=f"{EMBEDDINGS_KEY}/optimizer", name=name, node=optimizer, provider=PROVIDER)
-    for name, schedule in SCHEDULES.items():
-        cs.store(
-            group=f"{EMBEDDINGS_KEY}/lr",
-            name=name,
-            node=schedule,
-            package=f"{EMBEDDINGS_KEY}.optimizer.learning_rate",
-            provider=PROVIDER,
-        )
+def options(group: str) -> List[str]:
+    """Names of the YAML options of `group`, sorted."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _optimizer_options() -> Dict[str, EmbeddingOptimizerConfig]:
+    out = {}
+    for name in options(f"{EMBEDDINGS_KEY}/optimizer"):
+        values = OmegaConf.to_container(preset(f"{EMBEDDINGS_KEY}/optimizer", name))
+        assert isinstance(values, dict)
+        values["algorithm"] = OptimizerAlgorithm[values["algorithm"]]
+        out[name] = EmbeddingOptimizerConfig(**values)
+    return out
+
+
+#: The ``embeddings/optimizer`` options, typed (read from their YAML files).
+OPTIMIZERS: Dict[str, EmbeddingOptimizerConfig] = _optimizer_options()
+#: The ``embeddings/lr`` options (their interpolations follow ``init_learning_rate``), unresolved.
+SCHEDULES: Dict[str, DictConfig] = {name: preset(f"{EMBEDDINGS_KEY}/lr", name) for name in options(f"{EMBEDDINGS_KEY}/lr")}

@@ -33,14 +33,18 @@ from .schema import (
     DataType,
     EmbeddingBagConfig,
     EmbeddingOptimizerConfig,
+    INHERITED_OPTIMIZER_FIELDS,
     LargeEmbeddingsConfig,
+    LearningRate,
     OovPolicy,
     PoolingMode,
     SmallEmbeddingBagConfig,
     SmallEmbeddingsConfig,
     StratifierConfig,
     StratifiersConfig,
+    TableOptimizerConfig,
 )
+from .resolve import to_container
 from .store import OPTIMIZERS, SCHEDULES
 
 SMALL_KEY = "small_embeddings"
@@ -566,7 +570,7 @@ def _embeddings_preset(emb: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
 def _schedule_overrides(option: str, values: Any, init_learning_rate: float) -> Any:
     """What of `values` the `lr` option does not already give (None: nothing)."""
     cfg = OmegaConf.structured(EmbeddingOptimizerConfig(init_learning_rate=init_learning_rate))
-    cfg.learning_rate = OmegaConf.structured(SCHEDULES[option])
+    cfg.learning_rate = OmegaConf.merge(OmegaConf.structured(LearningRate), SCHEDULES[option])
     given = OmegaConf.to_container(cfg.learning_rate, resolve=True)[option]  # type: ignore[index]
     if not isinstance(values, Mapping):
         return None if values == given else values
@@ -643,10 +647,10 @@ def _plain(schema: Type[Any], node: Any, path: str) -> Dict[str, Any]:
     """`node` typed by `schema` (its items by their item type), resolved, enums as names."""
     collection, item_type = _ITEMS[schema]
     try:
-        if isinstance(node, DictConfig):  # resolve within its root first (relative interpolations)
-            node = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+        if isinstance(node, DictConfig):  # resolved within its root (inherited table fields left as they are)
+            node = to_container(node)
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        out: Dict[str, Any] = OmegaConf.to_container(merged, resolve=True, enum_to_str=True, throw_on_missing=True)  # type: ignore[assignment]
+        out: Dict[str, Any] = OmegaConf.to_container(merged, resolve=False, enum_to_str=True, throw_on_missing=True)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise TmlConversionError(_omegaconf_path(e, path), f"cannot be resolved: {_first_line(e)}") from None
     items = {}
@@ -659,6 +663,12 @@ def _plain(schema: Type[Any], node: Any, path: str) -> Dict[str, Any]:
         except OmegaConfBaseException as e:
             raise TmlConversionError(_omegaconf_path(e, where), _first_line(e)) from None
     out[collection] = items
+    if schema is LargeEmbeddingsConfig:  # what a table inherits is not its own: tml writes no override
+        for item in items.values():
+            own = item.get("optimizer") or {}
+            for name in INHERITED_OPTIMIZER_FIELDS:
+                if own.get(name) == getattr(TableOptimizerConfig, name):
+                    own[name] = None
     return out
 
 

@@ -9,16 +9,29 @@ the bad value and what is allowed, and all problems are reported at once.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
+from enum import Enum
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from .convert import Problems
 from .errors import ConfigError, ConfigValidationError
-from .resolve import config_prefix, effective_optimizer, parse_section, resolve_device_type
+from .resolve import (
+    ParsedConfig,
+    config_prefix,
+    effective_optimizer,
+    embeddings_spec,
+    parse_section,
+    resolve_device_type,
+    small_table_specs,
+    stratum_specs,
+)
 from .schema import (
     CPU_ALGORITHMS,
+    CPU_COMPUTE_KERNELS,
+    INHERITED_OPTIMIZER_FIELDS,
     CPU_SHARDING_TYPES,
     EMBEDDINGS_KEY,
     SCHEDULE_NAMES,
@@ -35,49 +48,139 @@ from .store import SECTIONS
 
 
 
+class ConfigWarning(UserWarning):
+    """A setting that is valid but has no effect (e.g. a collection optimizer every table overrides)."""
+
+
 def validate(
     cfg: Any,
     *,
     device: Optional[str] = None,
     num_discrete_features: Optional[int] = None,
     path: Optional[str] = None,
-) -> None:
-    """Check every rule; raise ConfigValidationError listing all problems.
+    section: Optional[str] = None,
+) -> ParsedConfig:
+    """Check every rule and return the typed result; raise ConfigValidationError listing all problems.
 
     `cfg` is an app's root config (any of `embeddings`, `small_embeddings`, `stratifiers`,
     `sharding`) or one of those sections alone, as a DictConfig, dict or dataclass. `device`
     is the target device (default: `sharding.device`, else `auto`); `num_discrete_features`
     is the width of the data's discrete-feature tensor, when known; `path` is where a single
     section lives in its app's config, for messages (default: found from the node, or the
-    section's name).
+    section's name); `section` names the section `cfg` is, when its keys could fit several
+    (a bare ``{"tables": ...}``).
+
+    The returned `ParsedConfig` is what the builders take, so a config is parsed once. Settings
+    that have no effect are reported as `ConfigWarning`s.
     """
     problems: Problems = []
     sections = {
         name: (where, parse_section(node, SECTIONS[name], where, problems))
-        for name, (where, node) in _sections(cfg, path).items()
+        for name, (where, node) in _sections(cfg, path, section).items()
     }
     sharding: Optional[ShardingConfig] = sections.get("sharding", ("", None))[1]
     device_type = resolve_device_type(device or (sharding.device if sharding else "auto"))
+    parsed: Dict[str, Any] = {"device_type": device_type}
     table_keys: Optional[set] = None
     emb_path, embeddings = sections.get(EMBEDDINGS_KEY, ("", None))
     if embeddings is not None:
         table_keys = set(embeddings.tables)
         _check_embeddings(embeddings, emb_path, device_type, problems)
-    path, small = sections.get("small_embeddings", ("", None))
+        parsed["embeddings"] = embeddings_spec(embeddings, emb_path)
+    small_path, small = sections.get("small_embeddings", ("", None))
     if small is not None:
-        _check_small(small, path, num_discrete_features, problems)
-    path, strata = sections.get("stratifiers", ("", None))
+        _check_small(small, small_path, num_discrete_features, problems)
+        parsed.update(small_embeddings=small_table_specs(small, small_path), small_embeddings_path=small_path)
+    strata_path, strata = sections.get("stratifiers", ("", None))
     if strata is not None:
-        _check_strata(strata, path, num_discrete_features, problems)
-    path, sharding = sections.get("sharding", ("", None))
+        _check_strata(strata, strata_path, num_discrete_features, problems)
+        parsed.update(stratifiers=stratum_specs(strata, strata_path), stratifiers_path=strata_path)
+    sharding_path, sharding = sections.get("sharding", ("", None))
     if sharding is not None:
-        _check_sharding(sharding, path, device_type, table_keys, problems)
+        _check_sharding(sharding, sharding_path, device_type, table_keys, problems)
+        parsed.update(sharding=sharding, sharding_path=sharding_path)
+    if problems:
+        raise ConfigValidationError(problems)
+    if embeddings is not None:
+        for message in shadowed_settings(embeddings, emb_path):
+            warnings.warn(message, ConfigWarning, stacklevel=2)
+    return ParsedConfig(**parsed)
+
+
+def check_device(parsed: ParsedConfig, device_type: str) -> None:
+    """The rules that depend on the device, for a config parsed for another one (e.g. meta).
+
+    Raises ConfigValidationError; a no-op when `parsed` was checked for `device_type` already.
+    """
+    if parsed.device_type == device_type:
+        return
+    problems: Problems = []
+    if parsed.embeddings is not None:
+        _check_optimizer_device(parsed.embeddings.optimizer, f"{parsed.embeddings.path}.optimizer", device_type, problems)
+        for spec in parsed.embeddings.tables:
+            if spec.optimizer.algorithm != parsed.embeddings.optimizer.algorithm:
+                _check_optimizer_device(spec.optimizer, f"{spec.path}.optimizer", device_type, problems)
+    if parsed.sharding is not None:
+        keys = {s.key for s in parsed.embeddings.tables} if parsed.embeddings is not None else None
+        _check_sharding(parsed.sharding, parsed.sharding_path, device_type, keys, problems)
     if problems:
         raise ConfigValidationError(problems)
 
 
-def _sections(cfg: Any, path: Optional[str] = None) -> Dict[str, Tuple[str, Any]]:
+def shadowed_settings(emb: LargeEmbeddingsConfig, prefix: str) -> List[str]:
+    """Messages for collection optimizer settings that no table uses, and table rates a schedule hides."""
+    if not emb.tables:
+        return []
+    out = []
+    collection = emb.optimizer
+    keys = list(emb.tables)
+    for name in INHERITED_OPTIMIZER_FIELDS:
+        mine = getattr(collection, name)
+        if all(getattr(t.optimizer, name) != mine for t in emb.tables.values()):
+            out.append(
+                f"{prefix}.optimizer.{name}={_show(mine)} has no effect: every table sets its own "
+                f"({', '.join(f'{k}={_show(getattr(emb.tables[k].optimizer, name))}' for k in keys)})"
+            )
+    if _has_schedule(collection.learning_rate) and all(
+        t.optimizer.learning_rate is not None and t.optimizer.learning_rate != collection.learning_rate for t in emb.tables.values()
+    ):
+        out.append(
+            f"{prefix}.optimizer.learning_rate ({_schedule_name(collection.learning_rate)}) has no effect: every "
+            f"table sets its own schedule ({', '.join(f'{k}: {_schedule_name(emb.tables[k].optimizer.learning_rate)}' for k in keys)})"
+        )
+    if _has_schedule(collection.learning_rate):
+        hidden = [
+            k for k, t in emb.tables.items()
+            if t.optimizer.learning_rate is None and t.optimizer.init_learning_rate != collection.init_learning_rate
+        ]
+        if hidden:
+            out.append(
+                f"{prefix}.tables.{{{','.join(hidden)}}}.optimizer.init_learning_rate has no effect after the first "
+                f"step: those tables follow the collection's schedule ({prefix}.optimizer.learning_rate, "
+                f"{_schedule_name(collection.learning_rate)}); give them their own with "
+                f"+embeddings/lr@{prefix}.tables.<table>.optimizer.learning_rate=constant"
+            )
+    return out
+
+
+def _show(value: Any) -> str:
+    return value.name if isinstance(value, Enum) else repr(value)
+
+
+def _has_schedule(lr: Optional[LearningRate]) -> bool:
+    return lr is not None and any(getattr(lr, n) is not None for n in SCHEDULE_NAMES)
+
+
+def _schedule_name(lr: LearningRate) -> str:
+    return next((n for n in SCHEDULE_NAMES if getattr(lr, n) is not None), "none")
+
+
+def _sections(cfg: Any, path: Optional[str] = None, section: Optional[str] = None) -> Dict[str, Tuple[str, Any]]:
     """{section: (config path, node)} for a root config or a single section."""
+    if section is not None:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+        return {section: (path or config_prefix(cfg, section), cfg)}
     typ = OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else type(cfg)
     for section, schema in SECTIONS.items():
         if typ is schema:
@@ -138,7 +241,10 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
         if table.embedding_dim is not None:
             _check_dim(table.embedding_dim, f"{path}.embedding_dim", problems)
         pre = table.pretrained
-        if pre is not None:
+        if pre is not None and pre.embedding_snapshot_uri is None:
+            if pre.emb_name is not None or pre.allow_partial_rows:
+                problems.append((f"{path}.pretrained.embedding_snapshot_uri", "is not set, so emb_name and allow_partial_rows have no effect; set the snapshot's path or URI, or leave pretrained unset"))
+        elif pre is not None:
             if not pre.embedding_snapshot_uri.strip():
                 problems.append((f"{path}.pretrained.embedding_snapshot_uri", "is empty; set the path or URI of a torchsnapshot (or remove `pretrained` for no warm start)"))
             if pre.emb_name is not None and not pre.emb_name.strip():
@@ -149,14 +255,16 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
             problems.append((f"{path}.oov_buckets", f"{table.oov_buckets!r} is not allowed; use a non-negative integer"))
         elif table.oov_policy == OovPolicy.hash and table.oov_buckets == 0:
             problems.append((f"{path}.oov_buckets", "is 0 but oov_policy is hash; set oov_buckets > 0 (extra rows unknown ids hash into)"))
-        override = table.optimizer
-        if override is not None:
-            if override.learning_rate is not None:
-                _check_schedule(override.learning_rate, f"{path}.optimizer.learning_rate", problems)
-            # Report only what the table itself sets; inherited values are reported once, above.
-            own: Problems = []
-            _check_optimizer(effective_optimizer(emb.optimizer, override), f"{path}.optimizer", device_type, own, schedule=False)
-            problems.extend(p for p in own if getattr(override, p[0].rsplit(".", 1)[-1], None) is not None)
+        own = table.optimizer
+        if own.learning_rate is not None:
+            _check_schedule(own.learning_rate, f"{path}.optimizer.learning_rate", problems)
+        # Report only what the table sets itself; inherited values are reported once, above.
+        mine: Problems = []
+        _check_optimizer(effective_optimizer(emb.optimizer, own), f"{path}.optimizer", device_type, mine, schedule=False)
+        problems.extend(
+            p for p in mine
+            if getattr(own, p[0].rsplit(".", 1)[-1], None) != getattr(emb.optimizer, p[0].rsplit(".", 1)[-1], None)
+        )
     for name, keys in names.items():
         if len(keys) > 1:
             problems.append((f"{prefix}.tables", f"table name {name!r} is used by {len(keys)} tables ({', '.join(keys)}); table names must be unique"))
@@ -177,11 +285,16 @@ def _check_optimizer(opt: EmbeddingOptimizerConfig, path: str, device_type: str,
     for hp in ("beta1", "beta2"):
         if not 0 <= getattr(opt, hp) < 1:
             problems.append((f"{path}.{hp}", f"{getattr(opt, hp)!r} is not allowed; use a value in [0, 1)"))
+    _check_optimizer_device(opt, path, device_type, problems)
+    if schedule:
+        _check_schedule(opt.learning_rate, f"{path}.learning_rate", problems)
+
+
+def _check_optimizer_device(opt: EmbeddingOptimizerConfig, path: str, device_type: str, problems: Problems) -> None:
+    """The one rule for what a device can fuse."""
     if device_type == "cpu" and opt.algorithm not in CPU_ALGORITHMS:
         allowed = ", ".join(sorted(a.name for a in CPU_ALGORITHMS))
         problems.append((f"{path}.algorithm", f"{opt.algorithm.name} cannot be fused on CPU; allowed on CPU: {allowed} (adam, partial_rowwise_adam and lamb need CUDA)"))
-    if schedule:
-        _check_schedule(opt.learning_rate, f"{path}.learning_rate", problems)
 
 
 def _check_schedule(lr: LearningRate, path: str, problems: Problems) -> None:
@@ -222,6 +335,8 @@ def _check_indices(items: Mapping[str, Any], prefix: str, width: Optional[int], 
     names: Dict[str, List[str]] = defaultdict(list)
     for key, item in items.items():
         names[item.name or key].append(key)
+        if what == "small table" and "." in (item.name or key):  # torch module names cannot hold dots
+            problems.append((f"{prefix}.{key}" + (".name" if item.name else ""), f"{item.name or key!r} is not allowed; use a name without '.'"))
         path = f"{prefix}.{key}.index"
         if item.index < 0:
             problems.append((path, f"{item.index!r} is not allowed; use a column index >= 0"))
@@ -263,6 +378,10 @@ def _check_sharding(sharding: ShardingConfig, prefix: str, device_type: str, tab
                 problems.append((where, f"{t.name} needs CUDA (gloo on CPU lacks reduce_scatter); allowed on CPU: {allowed}"))
 
     check_types(sharding.sharding_types, f"{prefix}.sharding_types")
+    if device_type != "cuda":
+        for i, k in enumerate(sharding.compute_kernels):
+            if k not in CPU_COMPUTE_KERNELS:
+                problems.append((f"{prefix}.compute_kernels[{i}]", f"{k.name} needs CUDA; allowed on CPU: dense, fused"))
     for key, constraint in sharding.tables.items():
         path = f"{prefix}.tables.{key}"
         if table_keys is not None and key not in table_keys:

@@ -59,12 +59,14 @@ import torch
 from torch import nn
 
 from recap_embed.config import (
+    CPU_COMPUTE_KERNELS,
     CPU_SHARDING_TYPES,
     ComputeKernel,
     ConfigError,
     ConfigValidationError,
     DataType,
     OptimizerAlgorithm,
+    ParsedConfig,
     ShardingConfig,
     ShardingType,
     TablePlacement,
@@ -106,9 +108,6 @@ logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "recap_embed.plan"
 PLAN_VERSION = 1
-
-#: Compute kernels that run without CUDA.
-CPU_COMPUTE_KERNELS = frozenset({ComputeKernel.fused, ComputeKernel.dense})
 
 _GB = 1024**3
 
@@ -179,6 +178,10 @@ def sharding_values(sharding_cfg: Any) -> Tuple[str, ShardingConfig]:
     """
     if sharding_cfg is None:
         return "sharding", ShardingConfig()
+    if isinstance(sharding_cfg, ParsedConfig):
+        return sharding_cfg.sharding_path, sharding_cfg.sharding or ShardingConfig()
+    if isinstance(sharding_cfg, ShardingConfig):
+        return "sharding", sharding_cfg
     prefix = config_prefix(sharding_cfg, "sharding")
     problems: List[Tuple[str, str]] = []
     values = parse_section(sharding_cfg, ShardingConfig, prefix, problems)

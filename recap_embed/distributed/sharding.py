@@ -34,22 +34,21 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
 import torch.distributed as dist
 from torch import nn
 
 from recap_embed.config import (
-    CPU_ALGORITHMS,
     CPU_SHARDING_TYPES,
     ComputeKernel,
     ConfigValidationError,
     OptimizerAlgorithm,
+    ParsedConfig,
     ShardingType,
     TablePlacement,
-    validate,
+    check_device,
 )
 
 from .planner import build_plan, explicit_placements, resolve_device, sharding_values
@@ -71,8 +70,9 @@ def shard(
 
     Args:
         module: a `LargeEmbeddings`, or a model containing one or more (unsharded, on meta).
-        sharding_cfg: the ``sharding`` node (`ShardingConfig` as DictConfig, dataclass or dict);
-            None: defaults (device auto, the planner chooses everything).
+        sharding_cfg: the ``sharding`` node (`ShardingConfig` as DictConfig, dataclass or dict), or
+            a `ParsedConfig` holding it (``validate(cfg)``: not parsed again); None: defaults
+            (device auto, the planner chooses everything).
         device: overrides ``sharding.device`` (a torch.device or a string such as "cpu").
         pg: process group to shard over; default: the default group (created for one process).
         init_data_parallel: wrap the other modules in DDP now (False: call
@@ -99,7 +99,7 @@ def shard(
     # 1. Every check that can fail, before the first collective.
     world_size = pg.size() if pg is not None else (dist.get_world_size() if dist.is_initialized() else _env_world_size())
     local_size = get_local_size(world_size) if world_size > 1 else 1
-    _check(values, prefix, specs, dev.type, sharding_cfg)
+    _check(values, prefix, modules, dev.type)
     explicit = explicit_placements(values, prefix, specs, world_size=world_size, device_type=dev.type, local_size=local_size)
 
     # 2. Process group.
@@ -130,37 +130,23 @@ def _env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def _check(values: Any, prefix: str, specs: List[Any], device_type: str, sharding_cfg: Any) -> None:
-    """Config rules against the target device, and table keys the sharding section names."""
+def _check(values: Any, prefix: str, modules: List[Tuple[str, Any]], device_type: str) -> None:
+    """The config rules that depend on the target device (`check_device`, one place for them),
+    and the table keys the sharding section names, against the tables of the model."""
     problems: List[Tuple[str, str]] = []
-    try:
-        section = sharding_cfg if sharding_cfg is not None else {"device": values.device}
-        if isinstance(section, Mapping) and not isinstance(section, DictConfig):
-            section = {"sharding": section}  # a bare dict: say which section it is
-        validate(section, device=device_type, path=prefix)
-    except ConfigValidationError as e:
-        problems.extend(e.problems)
-    keys = sorted(s.key for s in specs)
+    checks = [ParsedConfig(embeddings=le.parsed, device_type="meta") for _, le in modules]
+    checks.append(ParsedConfig(sharding=values, sharding_path=prefix, device_type="meta"))
+    for parsed in checks:
+        try:
+            check_device(parsed, device_type)
+        except ConfigValidationError as e:
+            problems.extend(p for p in e.problems if p not in problems)
+    keys = sorted(s.key for _, le in modules for s in le.specs)
     for key in values.tables:
         if key not in keys:
             problems.append((f"{prefix}.tables.{key}", f"constrains {key!r}, which is not a table; tables: {keys}"))
-    if device_type != "cuda":
-        for i, k in enumerate(values.compute_kernels):
-            if k not in (ComputeKernel.fused, ComputeKernel.dense):
-                problems.append((f"{prefix}.compute_kernels[{i}]", f"{k.name} needs CUDA; allowed on CPU: dense, fused"))
-        for s in specs:
-            algorithm = OptimizerAlgorithm(s.optimizer.algorithm)
-            if algorithm not in CPU_ALGORITHMS:
-                allowed = ", ".join(sorted(a.name for a in CPU_ALGORITHMS))
-                problems.append((f"{s.path}.optimizer.algorithm", f"{algorithm.name} cannot be fused on CPU; allowed on CPU: {allowed}"))
     if problems:
-        # Keep the first report of each path (validate and this check may both see one).
-        seen, unique = set(), []
-        for p in problems:
-            if p not in seen:
-                seen.add(p)
-                unique.append(p)
-        raise ConfigValidationError(unique)
+        raise ConfigValidationError(problems)
 
 
 def _check_plan(plan: Any, prefix: str, device_type: str) -> None:

@@ -30,7 +30,16 @@ from torchrec import EmbeddingBagConfig as TorchrecTableConfig
 from torchrec.modules.embedding_configs import DataType as TorchrecDataType
 from torchrec.modules.embedding_configs import PoolingType
 
-from recap_embed.config import ConfigError, DataType, LargeEmbeddingsConfig, PoolingMode, TableSpec, table_specs, validate
+from recap_embed.config import (
+    ConfigError,
+    DataType,
+    EmbeddingsSpec,
+    LargeEmbeddingsConfig,
+    ParsedConfig,
+    PoolingMode,
+    TableSpec,
+    validate,
+)
 from recap_embed.config.resolve import to_container
 
 __all__ = ["LargeEmbeddings", "DATA_TYPES", "POOLING_TYPES"]
@@ -63,7 +72,8 @@ class LargeEmbeddings(nn.Module):
 
     Args:
         tables, optimizer, tables_to_log, embedding_dim, is_weighted: the fields of
-            `LargeEmbeddingsConfig`, as DictConfig, dataclass or plain values.
+            `LargeEmbeddingsConfig`, as DictConfig, dataclass or plain values; or `tables` is the
+            `EmbeddingsSpec` of a parsed config (``validate(cfg).embeddings``), used as it is.
         num_embeddings_override: rows of tables whose ``num_embeddings`` is null, keyed by table
             key or name (e.g. computed by a data pipeline). Without it such a table's rows come from
             its vocab (``Vocab.load(...).required_rows``).
@@ -90,28 +100,32 @@ class LargeEmbeddings(nn.Module):
                 f"{config_path}: unknown field(s) {sorted(unknown)}; allowed: tables, optimizer, "
                 f"tables_to_log, embedding_dim, is_weighted"
             )
-        # Plain values (Hydra's DictConfigs resolved once): validate and table_specs type them
-        # field by field, far faster than building typed OmegaConf nodes for every table.
-        values = to_container(
-            {
+        if isinstance(tables, EmbeddingsSpec):  # already parsed (by `validate`): not checked again
+            spec = tables
+        else:
+            values = {
                 "tables": tables,
                 "optimizer": optimizer,
                 "tables_to_log": list(tables_to_log or []),
                 "embedding_dim": embedding_dim,
                 "is_weighted": is_weighted,
             }
-        )
-        if values["optimizer"] is None:
-            values.pop("optimizer")
-        # Device-independent rules only: the target device is known when the tables are placed,
-        # and `shard` checks what that device can run (e.g. adam needs CUDA).
-        validate(values, device="meta", path=config_path)
-        specs = table_specs(values, prefix=config_path)
+            if optimizer is None:
+                values.pop("optimizer")
+            # Device-independent rules only: the target device is known when the tables are placed,
+            # and `shard` checks what that device can run (e.g. adam needs CUDA).
+            parsed = validate(values, device="meta", path=config_path)
+            assert parsed.embeddings is not None
+            spec = parsed.embeddings
+        specs = spec.tables
+        config_path = spec.path
+        tables_to_log = spec.tables_to_log
+        is_weighted = spec.is_weighted
+        self.parsed = spec
         self.vocabs: Dict[str, Any] = {}
         self.specs: List[TableSpec] = [self._resolve_rows(s, num_embeddings_override or {}) for s in specs]
         self.is_weighted = bool(is_weighted)
-        names = {s.key: s.name for s in self.specs}
-        self.tables_to_log: List[str] = [names.get(t, t) for t in (tables_to_log or [])]
+        self.tables_to_log: List[str] = list(tables_to_log)
         self.config_path = config_path
         with _no_init_on_meta():
             self.ebc = EmbeddingBagCollection(
@@ -134,6 +148,12 @@ class LargeEmbeddings(nn.Module):
         config (``cfg.embeddings``) works as well as a standalone one. `kwargs` are passed on
         (``num_embeddings_override``, ``config_path``).
         """
+        if isinstance(cfg, ParsedConfig):
+            if cfg.embeddings is None:
+                raise ConfigError("the parsed config holds no embeddings section")
+            cfg = cfg.embeddings
+        if isinstance(cfg, EmbeddingsSpec):
+            return cls(cfg, **kwargs)
         if isinstance(cfg, DictConfig):
             if "config_path" not in kwargs and cfg._get_parent() is not None:
                 key = cfg._get_full_key(None)
@@ -143,7 +163,7 @@ class LargeEmbeddings(nn.Module):
         elif isinstance(cfg, (LargeEmbeddingsConfig, Mapping)):
             values = to_container(cfg)
         else:
-            raise TypeError(f"expected a DictConfig, LargeEmbeddingsConfig or dict, got {type(cfg).__name__}")
+            raise TypeError(f"expected a DictConfig, LargeEmbeddingsConfig, dict or ParsedConfig, got {type(cfg).__name__}")
         assert isinstance(values, dict)
         for hydra_key in ("_target_", "_recursive_", "_convert_"):
             values.pop(hydra_key, None)

@@ -7,15 +7,14 @@ discrete-feature tensor; the outputs are concatenated in config order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from recap_embed.config import ConfigValidationError, SmallEmbeddingsConfig, validate
-from recap_embed.config.resolve import config_prefix, to_container
+from recap_embed.config import ConfigError, ParsedConfig, SmallEmbeddingsConfig, SmallTableSpec, validate
+from recap_embed.config.resolve import config_prefix
 
 __all__ = ["SmallEmbeddings", "SmallEmbeddingsError", "SmallTable"]
 
@@ -29,60 +28,35 @@ class SmallEmbeddingsError(IndexError):
     """An input the tables cannot look up: an id out of range, or too few columns."""
 
 
-@dataclass(frozen=True)
-class SmallTable:
-    """One table with its defaults applied; `path` is its config path for messages."""
-
-    key: str
-    name: str
-    num_embeddings: int
-    embedding_dim: int
-    index: int
-    path: str
+#: One small table with its defaults applied (the config layer's parsed form).
+SmallTable = SmallTableSpec
 
 
-def _section(cfg: Any) -> Any:
-    """The small_embeddings section of a root config, or `cfg` itself when it is the section."""
-    if isinstance(cfg, SmallEmbeddingsConfig):
+def section_of(cfg: Any, section: str, item_key: str, schema: type) -> Any:
+    """The `section` of a root config, or `cfg` itself when it is that section (has `item_key`)."""
+    if isinstance(cfg, schema):
         return cfg
-    if isinstance(cfg, (DictConfig, Mapping)) and SECTION in cfg and "tables" not in cfg:
-        return cfg[SECTION]
-    if not isinstance(cfg, (DictConfig, Mapping)) and hasattr(cfg, SECTION):
-        return getattr(cfg, SECTION)
+    if isinstance(cfg, (DictConfig, Mapping)) and section in cfg and item_key not in cfg:
+        return cfg[section]
+    if not isinstance(cfg, (DictConfig, Mapping)) and hasattr(cfg, section):
+        return getattr(cfg, section)
     return cfg
 
 
 def small_tables(
-    tables: Mapping[str, Any], path: str = SECTION, num_discrete_features: Optional[int] = None
-) -> List[SmallTable]:
+    tables: Any, path: str = SECTION, num_discrete_features: Optional[int] = None
+) -> Tuple[SmallTable, ...]:
     """Validated tables in config order (name defaults to the key).
 
-    `tables` maps keys to `SmallEmbeddingBagConfig`s, DictConfigs or dicts. Raises
+    `tables` maps keys to `SmallEmbeddingBagConfig`s, DictConfigs or dicts, or is the parsed
+    tuple of `SmallTableSpec` (``validate(cfg).small_embeddings``), returned as it is. Raises
     ConfigValidationError (all problems at once, each naming its config path).
     """
-    checked_validate({SECTION: {"tables": tables}}, SECTION, path, num_discrete_features=num_discrete_features)
-    values = to_container({"tables": tables})
-    out = []
-    for key, table in (values.get("tables") or {}).items():
-        name = str(table.get("name") or key)
-        if "." in name:
-            raise ConfigValidationError([(f"{path}.tables.{key}.name", f"{name!r} is not allowed; use a name without '.'")])
-        out.append(
-            SmallTable(key, name, table["num_embeddings"], table["embedding_dim"], table["index"], f"{path}.tables.{key}")
-        )
-    return out
-
-
-def checked_validate(root: Mapping[str, Any], section: str, path: str, **kwargs: Any) -> None:
-    """`validate` on one section, its problems reported under `path` (the section's real path)."""
-    try:
-        validate(root, **kwargs)
-    except ConfigValidationError as e:
-        if path == section:
-            raise
-        raise ConfigValidationError(
-            [(path + p[len(section):] if p.startswith(section) else p, msg) for p, msg in e.problems]
-        ) from None
+    if isinstance(tables, tuple) and all(isinstance(t, SmallTableSpec) for t in tables):
+        return tables
+    parsed = validate({"tables": tables or {}}, section=SECTION, path=path, num_discrete_features=num_discrete_features)
+    assert parsed.small_embeddings is not None
+    return parsed.small_embeddings
 
 
 class SmallEmbeddings(nn.Module):
@@ -107,7 +81,7 @@ class SmallEmbeddings(nn.Module):
         path: str = SECTION,
     ) -> None:
         super().__init__()
-        self.tables: Tuple[SmallTable, ...] = tuple(small_tables(tables or {}, path, num_discrete_features))
+        self.tables: Tuple[SmallTable, ...] = small_tables(tables, path, num_discrete_features)
         self.check_ids = check_ids
         self.path = path
         self.embeddings = nn.ModuleDict({t.name: nn.Embedding(t.num_embeddings, t.embedding_dim) for t in self.tables})
@@ -118,12 +92,16 @@ class SmallEmbeddings(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, **kwargs: Any) -> "SmallEmbeddings":
-        """Build from a `SmallEmbeddingsConfig` (dataclass or DictConfig) or a root config holding one."""
-        section = _section(cfg)
-        if not isinstance(section, DictConfig):
-            section = OmegaConf.structured(section) if not isinstance(section, Mapping) else OmegaConf.create(section)
+        """Build from a `SmallEmbeddingsConfig` (dataclass or DictConfig), a root config holding one,
+        or a `ParsedConfig` (not checked again)."""
+        if isinstance(cfg, ParsedConfig):
+            if cfg.small_embeddings is None:
+                raise ConfigError("the parsed config holds no small_embeddings section")
+            return cls(cfg.small_embeddings, path=cfg.small_embeddings_path, **kwargs)
+        section = section_of(cfg, SECTION, "tables", SmallEmbeddingsConfig)
         path = kwargs.pop("path", config_prefix(section, SECTION))
-        return cls(section.get("tables") or {}, path=path, **kwargs)
+        parsed = validate(section, section=SECTION, path=path, num_discrete_features=kwargs.get("num_discrete_features"))
+        return cls(parsed.small_embeddings, path=path, **kwargs)
 
     # ------------------------------------------------------------------ shape of the output
 

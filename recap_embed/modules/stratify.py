@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.aggregation import BaseAggregator
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
-from recap_embed.config import StratifiersConfig
-from recap_embed.config.resolve import config_prefix, to_container
-from recap_embed.modules.small import checked_validate
+from recap_embed.config import ConfigError, ParsedConfig, StratifiersConfig, StratumSpec, validate
+from recap_embed.config.resolve import config_prefix
+from recap_embed.modules.small import section_of
 
 __all__ = ["StratifiedMetric", "StratifiedMetrics", "Stratifier", "Stratifiers", "StratifierError", "metric_name"]
 
@@ -43,15 +41,8 @@ class StratifierError(IndexError):
     """Discrete features too narrow for a stratifier's column."""
 
 
-@dataclass(frozen=True)
-class Stratifier:
-    """One stratum with its name resolved; `path` is its config path for messages."""
-
-    key: str
-    name: str
-    index: int
-    value: int
-    path: str
+#: One stratum with its name resolved (the config layer's parsed form).
+Stratifier = StratumSpec
 
 
 class Stratifiers:
@@ -61,25 +52,27 @@ class Stratifiers:
     `Stratifiers.from_config`. Not a module: no parameters, only the index/value tensors cached per device.
     """
 
-    def __init__(self, strata: Optional[Mapping[str, Any]] = None, *, path: str = SECTION) -> None:
-        checked_validate({SECTION: {"strata": strata or {}}}, SECTION, path)
-        values = to_container({"strata": strata or {}})
-        self.strata: Tuple[Stratifier, ...] = tuple(
-            Stratifier(key, str(s.get("name") or key), s["index"], s["value"], f"{path}.strata.{key}")
-            for key, s in (values.get("strata") or {}).items()
-        )
+    def __init__(self, strata: Any = None, *, path: str = SECTION) -> None:
+        if isinstance(strata, tuple) and all(isinstance(s, StratumSpec) for s in strata):
+            self.strata: Tuple[Stratifier, ...] = strata  # parsed already (`validate(cfg).stratifiers`)
+        else:
+            parsed = validate({"strata": strata or {}}, section=SECTION, path=path)
+            assert parsed.stratifiers is not None
+            self.strata = parsed.stratifiers
         self._cache: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Stratifiers":
-        """From a `StratifiersConfig` (dataclass or DictConfig) or a root config holding one."""
-        if isinstance(cfg, (DictConfig, Mapping)) and SECTION in cfg and "strata" not in cfg:
-            cfg = cfg[SECTION]
-        elif not isinstance(cfg, (DictConfig, Mapping, StratifiersConfig)) and hasattr(cfg, SECTION):
-            cfg = getattr(cfg, SECTION)
-        if not isinstance(cfg, DictConfig):
-            cfg = OmegaConf.create(cfg) if isinstance(cfg, Mapping) else OmegaConf.structured(cfg)
-        return cls(cfg.get("strata") or {}, path=config_prefix(cfg, SECTION))
+        """From a `StratifiersConfig` (dataclass or DictConfig), a root config holding one, or a
+        `ParsedConfig` (not checked again)."""
+        if isinstance(cfg, ParsedConfig):
+            if cfg.stratifiers is None:
+                raise ConfigError("the parsed config holds no stratifiers section")
+            return cls(cfg.stratifiers)
+        section = section_of(cfg, SECTION, "strata", StratifiersConfig)
+        path = config_prefix(section, SECTION)
+        parsed = validate(section, section=SECTION, path=path)
+        return cls(parsed.stratifiers)
 
     @property
     def names(self) -> List[str]:

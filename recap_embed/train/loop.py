@@ -19,11 +19,11 @@ from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from recap_embed.config import ConfigError, table_specs, validate
+from recap_embed.config import ConfigError, ParsedConfig, validate
 from recap_embed.errors import RANK_FAILURES
 from recap_embed.files import atomic_write_text
 from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
-from recap_embed.instantiate import check_targets, instantiate
+from recap_embed.instantiate import build, check_targets
 from recap_embed.io.checkpoint import PendingCheckpoint, save_checkpoint
 from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
 from recap_embed.io.vocab import Vocab, VocabMapper
@@ -68,15 +68,16 @@ def all_ranks(fn: Any, *args: Any) -> Any:
     return result
 
 
-def preflight(cfg: DictConfig, device: torch.device, world: int) -> None:
+def preflight(cfg: DictConfig, device: torch.device, world: int) -> ParsedConfig:
     """Every check that needs neither data nor tables, before anything is generated or built:
     `_target_`s against the allowlist, the config's rules, the features tables read and the
-    pretrained snapshots (manifests and file sizes)."""
+    pretrained snapshots (manifests and file sizes). Returns the parsed config every builder takes."""
     check_targets(cfg, list(cfg.get("allowed_targets") or []))
-    validate(cfg, device=str(device), num_discrete_features=len(cfg.data.discrete_columns))
+    parsed = validate(cfg, device=str(device), num_discrete_features=len(cfg.data.discrete_columns))
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
-    specs = table_specs(cfg.embeddings)
+    assert parsed.embeddings is not None
+    specs = parsed.embeddings.tables
     for spec in specs:
         unknown = [f for f in spec.feature_names if f not in SPARSE_FEATURES]
         if unknown:
@@ -84,7 +85,8 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> None:
                 f"{spec.path}: reads feature(s) {unknown}, which the training data does not have; the data's "
                 f"features: {', '.join(SPARSE_FEATURES)} (set feature_names, or remove the table with ~{spec.path})"
             )
-    check_pretrained(specs)
+    check_pretrained(list(specs))
+    return parsed
 
 
 def prepare_data(cfg: DictConfig, rank: int) -> Dict[str, Examples]:
@@ -113,7 +115,7 @@ class Trainer:
         self.owns_process_group = not (dist.is_available() and dist.is_initialized())
         init_distributed(self.device.type)
         self.rank, self.world = rank_and_world()
-        all_ranks(preflight, cfg, self.device, self.world)
+        self.parsed = all_ranks(preflight, cfg, self.device, self.world)
         self.allowed_targets = list(cfg.get("allowed_targets") or [])
         torch.manual_seed(cfg.train.seed)
         self.examples = all_ranks(prepare_data, cfg, self.rank)
@@ -123,7 +125,7 @@ class Trainer:
         # pay for it (the mapper would do the same per batch; see BENCHMARKS.md, section 7).
         self.examples = {split: self._to_rows(examples) for split, examples in self.examples.items()}
         model = RecapModel(large, small, list(cfg.model.hidden), cfg.model.interaction)
-        self.model = shard(model, cfg.sharding, device=self.device)
+        self.model = shard(model, self.parsed, device=self.device)
         self.specs = large.specs
         # Rows stream straight into the weights (no staging copy: 1.8x faster, +0.07x memory instead
         # of +1.07x). The weights are fresh initialisation, so an I/O error mid-table loses nothing:
@@ -133,7 +135,7 @@ class Trainer:
         dense_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[dense.name]
         self.optimizer = combined_optimizer(self.model, lambda params: dense_cls(params, lr=dense.lr, weight_decay=dense.weight_decay))
         self.scheduler = EmbeddingLRScheduler(self.model, self.optimizer)
-        strata = instantiate(cfg.stratifiers, allowed_targets=self.allowed_targets)
+        strata = build(cfg.stratifiers, self.parsed, allowed_targets=self.allowed_targets)
         self.metrics = StratifiedMetrics({"auroc": BinaryAUROC(), "loss": MeanMetric()}, strata).to(self.device)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
         self.step = 0
@@ -142,8 +144,10 @@ class Trainer:
     def _build_modules(self) -> tuple:
         """The embedding modules (on meta) with their vocabs, and what needs the data to check."""
         cfg = self.cfg
-        large = instantiate(cfg.embeddings, allowed_targets=self.allowed_targets)
-        small = instantiate(cfg.small_embeddings, allowed_targets=self.allowed_targets)
+        # Built from the parsed config: nothing is parsed twice.
+        parsed = self.parsed
+        large = build(cfg.embeddings, parsed, allowed_targets=self.allowed_targets)
+        small = build(cfg.small_embeddings, parsed, allowed_targets=self.allowed_targets)
         for spec in large.specs:
             # A table with a vocab and its own num_embeddings: its rows still come from the vocab
             # (raw ids are meaningless as rows); the vocab must fit in num_embeddings.
