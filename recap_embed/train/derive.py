@@ -67,7 +67,7 @@ def derive_strata(codes: DiscreteCodes, per_column: int) -> Dict[str, Dict[str, 
         counts = codes.counts[i]
         # Most rows first; a stable sort keeps the smaller code first among ties.
         for code in np.argsort(-counts, kind="stable")[:per_column].tolist():
-            strata[_key(f"{name}={codes.label(i, code)}")] = {"index": i, "value": int(code)}
+            strata[f"{name}={codes.label(i, code)}"] = {"index": i, "value": int(code)}
     return strata
 
 

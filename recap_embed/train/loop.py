@@ -260,6 +260,7 @@ class Trainer:
         by_feature = {"user": train.user_ids.numpy(), "item": train.item_ids.numpy()}
         vocab_ids = {key: derive.vocab_from_ids([by_feature[f] for f in spec.feature_names]) for key, spec in self.built_vocabs.items()}
         if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
             for key, spec in self.built_vocabs.items():
                 derive.write_vocab(Path(cfg.embeddings.tables[key].vocab), vocab_ids[key], spec.path)
             atomic_write_text(self.output_dir / "discrete_codes.json", json.dumps(self.codes.to_json(), indent=2) + "\n")
