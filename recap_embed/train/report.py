@@ -86,7 +86,8 @@ def _objective(row: Dict[str, Any]) -> Optional[float]:
 def best_job(rows: List[Dict[str, Any]], sweep_dir: Path) -> Tuple[Optional[str], str]:
     """(the best job's name, how it was chosen): Optuna's best trial when its results are there."""
     results_path = sweep_dir / "optimization_results.yaml"
-    scored = [r for r in rows if _objective(r) is not None]
+    # Jobs are ranked by validation AUC when any has one (eval is never tuned on), else by eval AUC.
+    scored = [r for r in rows if r.get("validation_auroc") is not None] or [r for r in rows if r.get("eval_auroc") is not None]
     if results_path.exists():
         results = yaml.safe_load(results_path.read_text()) or {}
         params = {str(k): str(v) for k, v in (results.get("best_params") or {}).items()}
