@@ -65,3 +65,15 @@ def test_early_stop_keeps_the_best_checkpoint_and_reports_it(tmp_path: Path) -> 
     assert trainer.evaluate("validation")["auroc"] == pytest.approx(best["validation"]["auroc"], abs=1e-6)
     assert metrics["validation_auroc"] == best["validation"]["auroc"]
     assert [p["step"] for p in metrics["curve"]][:3] == [20, 40, 60] and "validation_auroc" in metrics["curve"][0]
+
+
+def test_without_a_validation_split_the_curve_is_on_eval_and_nothing_is_kept(tmp_path: Path) -> None:
+    from recap_embed.train.loop import Trainer
+
+    with initialize(version_base=None, config_path=None):
+        cfg = compose("recap_embed_train", overrides=[f"data.dir={tmp_path / 'data'}", *OVERFIT[:4], "data.validation_fraction=0",
+                                                      "train.progress=false", "train.max_steps=6", "train.eval_every=3"])
+    metrics = Trainer(cfg, tmp_path / "run").run()
+    assert metrics["best"] is None and metrics["validation_auroc"] is None and "validation" not in metrics["rows"]
+    assert [sorted(p) for p in metrics["curve"]] == [["eval_auroc", "eval_loss", "step", "train_loss"]] * 2
+    assert metrics["eval"] == metrics["final"]["eval"] and not (tmp_path / "run" / "checkpoints" / "best").exists()
