@@ -28,7 +28,7 @@ from recap_embed.instantiate import check_targets, instantiate
 from recap_embed.io.checkpoint import PendingCheckpoint, restore_checkpoint, save_checkpoint
 from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
 from recap_embed.io.vocab import Vocab, VocabMapper
-from recap_embed.modules import SmallEmbeddings, StratifiedMetrics, Stratifiers, table_stats
+from recap_embed.modules import StratifiedMetrics, Stratifiers, table_stats
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
 from . import derive
@@ -223,7 +223,7 @@ class Trainer:
         self.optimizer = combined_optimizer(self.model, lambda params: dense_cls(params, lr=dense.lr, weight_decay=dense.weight_decay))
         self.scheduler = EmbeddingLRScheduler(self.model, self.optimizer)
         if self.derived_strata is not None:
-            strata = Stratifiers(self.derived_strata)
+            strata = instantiate(cfg.stratifiers, allowed_targets=self.allowed_targets, strata=self.derived_strata)
         else:
             strata = instantiate(cfg.stratifiers, allowed_targets=self.allowed_targets)
             if self.rank == 0:
@@ -276,8 +276,8 @@ class Trainer:
         """The embedding modules (on meta) with their vocabs, and what needs the data to check."""
         cfg = self.cfg
         large = instantiate(cfg.embeddings, allowed_targets=self.allowed_targets)
-        if self.derived_small is not None:
-            small = SmallEmbeddings(self.derived_small, num_discrete_features=len(self.codes.columns))
+        if self.derived_small is not None:  # through the section's own `_target_`, which may be the user's
+            small = instantiate(cfg.small_embeddings, allowed_targets=self.allowed_targets, tables=self.derived_small)
         else:
             small = instantiate(cfg.small_embeddings, allowed_targets=self.allowed_targets)
             top = {i: max(int(e.discrete[:, i].max()) for e in self.examples.values() if len(e)) for i in range(len(self.codes.columns))}
