@@ -52,7 +52,8 @@ def compose_app(data_dir: Path, overrides: List[str]) -> Any:
     with initialize(version_base=None):
         return compose(
             config_name="recap_embed_train",
-            overrides=[f"data.dir={data_dir}", "sharding=cpu", "train.checkpoint=false", "train.eval_every=0", *overrides],
+            overrides=[f"data.dir={data_dir}", "sharding=cpu", "train.checkpoint=false", "train.eval_every=0",
+                       "train.threads=null", *overrides],  # keep the threads set_threads chose
         )
 
 

@@ -116,7 +116,7 @@ def test_app_refuses_by_default_and_accepts_allowed_targets(tmp_path: Path, monk
 
     marker = tmp_path / "called"
     monkeypatch.setenv(untrusted_helper.MARKER_ENV, str(marker))
-    target = ["stratifiers._target_=untrusted_helper.make_stratifiers", f"data.dir={tmp_path / 'data'}"]
+    target = ["stratifiers=synthetic", "stratifiers._target_=untrusted_helper.make_stratifiers", f"data.dir={tmp_path / 'data'}"]
 
     cfg = compose_train(target)
     with pytest.raises(UntrustedTargetError, match=r"^stratifiers\._target_: _target_ 'untrusted_helper\.make_stratifiers' is not allowed"):
@@ -138,7 +138,7 @@ def test_trainer_passes_allowed_targets_to_instantiate(tmp_path: Path, monkeypat
     monkeypatch.setenv(untrusted_helper.MARKER_ENV, str(marker))
     cfg = compose_train([
         f"data.dir={tmp_path / 'data'}", "data.synthetic.num_users=100", "data.synthetic.num_items=20",
-        "data.synthetic.num_train=500", "data.synthetic.num_eval=100",
+        "data.synthetic.num_train=500", "data.synthetic.num_eval=100", "train.batch_size=64",
         "small_embeddings._target_=untrusted_helper.make_small_then_stop", "allowed_targets=[untrusted_helper]",
     ])
     with pytest.raises(ValueError, match="make_small_then_stop was called"):

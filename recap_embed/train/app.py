@@ -69,7 +69,8 @@ _compact_yaml_errors()
 
 @hydra.main(config_path=None, config_name="recap_embed_train", version_base=None)
 def main(cfg: DictConfig) -> float:
-    """Train once; returns the eval AUROC (what a sweeper would optimise)."""
+    """Train once; returns what a sweeper optimises: the validation AUROC of the best step (the
+    eval split is reported, never tuned on), or the eval AUROC without a validation split."""
     from hydra.core.hydra_config import HydraConfig
 
     from recap_embed.errors import report_and_exit
@@ -84,7 +85,8 @@ def main(cfg: DictConfig) -> float:
         from .loop import train  # torch and torchrec load here, not at start-up
 
         metrics = train(cfg, output_dir)
-    return float(metrics["eval_auroc"])
+    objective = metrics["validation_auroc"]
+    return float(metrics["eval_auroc"] if objective is None else objective)
 
 
 if __name__ == "__main__":

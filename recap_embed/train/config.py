@@ -10,12 +10,25 @@ from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class DataSource(Enum):
     synthetic = "synthetic"  # a click log with planted structure, generated on first use
-    parquet = "parquet"  # your own parquet files with the same columns
+    parquet = "parquet"  # your own parquet files (`train_path`, `eval_path`)
+
+
+def _if_synthetic(source, value):
+    """`${recap_embed_if_synthetic:${data.source},value}`: `value` for the synthetic source, else null.
+
+    The app's tables read the synthetic log's generated vocabs; with your own data a table
+    without a vocab gets one built from the training split instead.
+    """
+    name = getattr(source, "name", source)
+    return value if str(name) == DataSource.synthetic.name else None
+
+
+OmegaConf.register_new_resolver("recap_embed_if_synthetic", _if_synthetic, replace=True)
 
 
 @dataclass
@@ -36,17 +49,43 @@ class SyntheticConfig:
 
 
 @dataclass
+class DeriveConfig:
+    """What the app derives from the discrete columns of the training split (recap_embed.train.derive)."""
+
+    # Fill an empty `small_embeddings` section with one table per discrete column.
+    small_embeddings: bool = True
+    # Fill an empty `stratifiers` section with strata of the most frequent values of each column.
+    stratifiers: bool = True
+    # Dim of a derived table with R rows: min(max_dim, max(1, round(1.6 * R ** 0.56))).
+    max_dim: int = 16
+    # Strata per column: its most frequent training values (all of them when it has fewer).
+    strata_per_column: int = 4
+
+
+@dataclass
 class DataConfig:
-    """Where examples come from. Columns: user_id, item_id (int64 raw ids), country, device,
-    hour (small ints: the discrete features, in that column order) and click (0/1)."""
+    """Where examples come from and which columns mean what.
+
+    Every split has the id columns (integer raw ids, mapped to rows by each table's vocab), the
+    label column (0/1) and the discrete columns (integers, strings, booleans or categoricals; each
+    value becomes a code, saved in the run dir as discrete_codes.json). The synthetic log's
+    discrete columns are country, device and hour.
+    """
 
     source: DataSource = DataSource.synthetic
     dir: str = MISSING  # where synthetic data and its vocabs are generated (or reused)
-    seed: int = 0
+    seed: int = 0  # synthetic data, and which training rows are held out for validation
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     train_path: Optional[str] = None  # parquet file or directory (source=parquet)
-    eval_path: Optional[str] = None  # parquet file or directory (source=parquet)
+    eval_path: Optional[str] = None  # parquet file or directory (source=parquet); reported, never tuned on
     discrete_columns: List[str] = field(default_factory=lambda: ["country", "device", "hour"])
+    user_column: str = "user_id"  # raw ids of the `user` feature
+    item_column: str = "item_id"  # raw ids of the `item` feature
+    label_column: str = "click"  # 0/1 (integer, boolean, or float 0.0/1.0)
+    # Share of the training rows held out (seeded by `seed`) to evaluate on every
+    # `train.eval_every` steps, for early stopping and keep-best; 0: no validation split.
+    validation_fraction: float = 0.1
+    derive: DeriveConfig = field(default_factory=DeriveConfig)
 
 
 @dataclass
@@ -66,12 +105,36 @@ class DenseOptimizerConfig:
     weight_decay: float = 0.0
 
 
+class ValidationMetric(Enum):
+    """What early stopping and keep-best watch on the validation split."""
+
+    auroc = "auroc"  # higher is better
+    loss = "loss"  # lower is better
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when the validation metric has not improved for `patience` evaluations."""
+
+    metric: ValidationMetric = ValidationMetric.auroc
+    patience: Optional[int] = 5  # evaluations without improvement before training stops; null: never
+    min_delta: float = 0.0  # a smaller improvement does not count as one
+
+
 @dataclass
 class TrainingConfig:
     batch_size: int = 1024  # global: split across ranks
-    epochs: int = 3
+    epochs: int = 5  # an upper bound: early stopping ends sooner once validation stops improving
     max_steps: Optional[int] = None  # stop early (after this many steps)
-    eval_every: int = 100  # steps between evaluations (the AUC curve in metrics.json)
+    eval_every: int = 100  # steps between validation evaluations (the curve in metrics.json)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Keep the checkpoint of the best validation evaluation (checkpoints/best/) and report the
+    # eval metrics of that model beside those of the last step.
+    keep_best: bool = True
+    # torch threads per rank (intra-op). One, like torchrun's OMP_NUM_THREADS default: ranks do
+    # not fight over cores, and this model's small kernels lose more to thread hand-offs than
+    # they gain (see README, "Threads"). null: torch's default (all cores).
+    threads: Optional[int] = 1
     log_every: int = 250  # steps between table statistics
     checkpoint: bool = True  # save a final torchsnapshot checkpoint
     checkpoint_async: bool = False

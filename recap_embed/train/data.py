@@ -1,8 +1,8 @@
-"""Examples for the training app: a synthetic click log with planted structure, or your parquet.
+"""Examples for the training app: the synthetic click log with planted structure, and batches.
 
-Columns (both sources): `user_id`, `item_id` (raw int64 ids, mapped to rows by each table's
-vocab), the discrete features named by `data.discrete_columns` (small ints, in that column
-order: `country`, `device`, `hour` by default) and `click` (0/1).
+The synthetic log's columns: `user_id`, `item_id` (raw int64 ids, mapped to rows by each table's
+vocab), the discrete features `country`, `device`, `hour` (small ints) and `click` (0/1). Every
+split, synthetic or your own, is read and checked by `recap_embed.train.own_data`.
 
 The synthetic log plants what the model should find: users and items have their own click
 propensity and hidden factors, and a click is likelier when the factors align; country, device
@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +28,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recap_embed.io.vocab import hash_ids, save_vocab
 
-ID_COLUMNS = ("user_id", "item_id")
 LABEL = "click"
 
 
@@ -38,7 +37,7 @@ class Examples:
 
     user_ids: torch.Tensor  # int64 [N]
     item_ids: torch.Tensor  # int64 [N]
-    discrete: torch.Tensor  # int64 [N, F]
+    discrete: torch.Tensor  # int64 [N, F]: codes of the discrete columns (own_data.DiscreteCodes)
     clicks: torch.Tensor  # float32 [N]
 
     def __len__(self) -> int:
@@ -145,24 +144,6 @@ def oracle_auroc(data_dir: Path) -> Optional[float]:
     """The eval AUC of the true click probabilities of a synthetic log (None for other data)."""
     path = Path(data_dir) / "oracle.json"
     return json.loads(path.read_text()).get("eval_auroc") if path.exists() else None
-
-
-def read_examples(path: str, discrete_columns: Sequence[str]) -> Examples:
-    """Read a parquet file or directory into memory, checking the columns by name."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data path {path} does not exist")
-    table = pq.read_table(p)
-    need = [*ID_COLUMNS, *discrete_columns, LABEL]
-    missing = [c for c in need if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the file has {table.column_names}, the app needs {need}")
-
-    def column(name: str, dtype) -> torch.Tensor:
-        return torch.from_numpy(table.column(name).to_numpy().astype(dtype))  # a writable copy
-
-    discrete = torch.stack([column(c, np.int64) for c in discrete_columns], dim=1) if discrete_columns else torch.zeros((table.num_rows, 0), dtype=torch.int64)
-    return Examples(column("user_id", np.int64), column("item_id", np.int64), discrete, column(LABEL, np.float32))
 
 
 def batches(

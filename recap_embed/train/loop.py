@@ -6,33 +6,38 @@ Every rank runs it; files are written by rank 0 only (the checkpoint by all rank
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from recap_embed.config import ConfigError, ParsedConfig, validate
+from recap_embed.config import ConfigError, ParsedConfig, table_specs, validate
 from recap_embed.errors import RANK_FAILURES
 from recap_embed.files import atomic_write_text
 from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
 from recap_embed.instantiate import build, check_targets
-from recap_embed.io.checkpoint import PendingCheckpoint, save_checkpoint
+from recap_embed.io.checkpoint import PendingCheckpoint, restore_checkpoint, save_checkpoint
 from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
 from recap_embed.io.vocab import Vocab, VocabMapper
-from recap_embed.modules import StratifiedMetrics, table_stats
+from recap_embed.modules import StratifiedMetrics, Stratifiers, table_stats
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
-from .config import DataSource
-from .data import Batch, Examples, batches, generate_synthetic, num_batches, oracle_auroc, read_examples
+from . import derive
+from .config import DataSource, ValidationMetric
+from .data import Batch, Examples, batches, generate_synthetic, num_batches, oracle_auroc
+from .keep_best import KeepBest
 from .model import RecapModel
+from .own_data import Columns, DataError, DiscreteCodes, read_split
 
 log = logging.getLogger("recap_embed.train")
 
@@ -68,6 +73,35 @@ def all_ranks(fn: Any, *args: Any) -> Any:
     return result
 
 
+def apply_threads(threads: Optional[int]) -> int:
+    """Set this rank's torch (intra-op) threads from `train.threads`; returns the count in use.
+
+    One per rank by default, as torchrun sets OMP_NUM_THREADS=1 for its workers: ranks sharing a
+    host do not oversubscribe its cores, and the step's many small kernels (lookups of a batch,
+    an MLP of a few thousand weights) lose more to waking and syncing threads than they gain.
+    """
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"train.threads: {threads!r} is not allowed; use a positive number of threads per rank, or null for torch's default")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def build_vocab_paths(cfg: DictConfig, output_dir: Path) -> Dict[str, Any]:
+    """Point every table with neither `vocab` nor `num_embeddings` at the vocab the app builds
+    from the training split (``<run dir>/vocabs/<table>``); returns {table key: spec}."""
+    from omegaconf import open_dict
+
+    planned = {}
+    for spec in table_specs(cfg.embeddings):
+        if spec.vocab is None and spec.num_embeddings is None:
+            path = Path(output_dir) / derive.VOCAB_DIR / spec.name
+            with open_dict(cfg.embeddings.tables[spec.key]):
+                cfg.embeddings.tables[spec.key].vocab = str(path)
+            planned[spec.key] = spec
+    return planned
+
+
 def preflight(cfg: DictConfig, device: torch.device, world: int) -> ParsedConfig:
     """Every check that needs neither data nor tables, before anything is generated or built:
     `_target_`s against the allowlist, the config's rules, the features tables read and the
@@ -76,6 +110,11 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> ParsedConfig
     parsed = validate(cfg, device=str(device), num_discrete_features=len(cfg.data.discrete_columns))
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
+    fraction = cfg.data.validation_fraction
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"data.validation_fraction: {fraction} is not allowed; use a share of the training rows in [0, 1) (0: no validation split)")
+    Columns.from_config(cfg.data).check_distinct()
+    _keep_best_from(cfg.train)  # its settings, checked
     assert parsed.embeddings is not None
     specs = parsed.embeddings.tables
     for spec in specs:
@@ -89,19 +128,68 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> ParsedConfig
     return parsed
 
 
-def prepare_data(cfg: DictConfig, rank: int) -> Dict[str, Examples]:
-    """Generate (rank 0, once) or read the examples; vocab paths are set in the config."""
+def _keep_best_from(train_cfg: Any) -> KeepBest:
+    stop = train_cfg.early_stopping
+    metric = stop.metric if isinstance(stop.metric, ValidationMetric) else ValidationMetric[str(stop.metric)]
+    return KeepBest(metric.value, metric is ValidationMetric.auroc, stop.patience, stop.min_delta)
+
+
+def prepare_data(cfg: DictConfig, rank: int) -> Tuple[Dict[str, Examples], DiscreteCodes, Dict[str, Dict[str, float]]]:
+    """Generate (rank 0, once) or read the splits, check them, hold out the validation rows and
+    encode the discrete columns with codes fitted on the training rows.
+
+    Returns the examples per split (`train`, `validation` when held out, `eval`; raw ids,
+    codes), the codes, and per split the share of rows per column whose value training lacks.
+    """
     data = cfg.data
     if data.source == DataSource.synthetic:
         # The agreement is the barrier; a failure on rank 0 stops every rank.
         all_ranks(lambda: generate_synthetic(Path(data.dir), data.synthetic, data.seed) if rank == 0 else None)
-        train_path, eval_path = Path(data.dir) / "train.parquet", Path(data.dir) / "eval.parquet"
+        train_path, eval_path = str(Path(data.dir) / "train.parquet"), str(Path(data.dir) / "eval.parquet")
     else:
         if not data.train_path or not data.eval_path:
             raise ValueError("data.source=parquet needs data.train_path and data.eval_path (parquet files or directories)")
-        train_path, eval_path = data.train_path, data.eval_path
-    columns = list(data.discrete_columns)
-    return {"train": read_examples(str(train_path), columns), "eval": read_examples(str(eval_path), columns)}
+        train_path, eval_path = str(data.train_path), str(data.eval_path)
+    columns = Columns.from_config(data)
+    tables = {"train": read_split(train_path, columns, "data.train_path"), "eval": read_split(eval_path, columns, "data.eval_path")}
+    n = tables["train"].num_rows
+    held = int(round(float(data.validation_fraction) * n))
+    if held:
+        order = np.random.default_rng(int(data.seed)).permutation(n)
+        train = tables["train"]
+        tables["validation"] = train.take(np.sort(order[:held]))
+        tables["train"] = train.take(np.sort(order[held:]))
+        labels = tables["validation"].column(columns.label).to_numpy()
+        if labels.min() == labels.max():
+            raise DataError(
+                f"{train_path}: the {held} rows held out for validation (data.validation_fraction={data.validation_fraction}) "
+                f"all have label {int(labels[0])}; hold out more rows, or set data.validation_fraction=0"
+            )
+    elif float(data.validation_fraction) > 0:
+        raise DataError(f"{train_path}: data.validation_fraction={data.validation_fraction} of its {n} rows holds out no row; raise it, or set 0")
+    batch = int(cfg.train.batch_size)
+    if tables["train"].num_rows < batch:
+        after = f" after holding out {held} for validation (data.validation_fraction)" if held else ""
+        raise DataError(
+            f"{train_path}: {tables['train'].num_rows} training rows{after} are fewer than train.batch_size={batch}, "
+            f"so no full batch trains; lower train.batch_size"
+        )
+    codes = DiscreteCodes.fit(tables["train"], columns.discrete)
+    examples: Dict[str, Examples] = {}
+    unseen: Dict[str, Dict[str, float]] = {}
+    for split, table in tables.items():
+        discrete, unseen[split] = codes.encode(table, eval_path if split == "eval" else train_path)
+        examples[split] = Examples(
+            torch.from_numpy(table.column(columns.user).to_numpy().copy()),
+            torch.from_numpy(table.column(columns.item).to_numpy().copy()),
+            torch.from_numpy(discrete),
+            torch.from_numpy(table.column(columns.label).to_numpy().copy()),
+        )
+    if rank == 0:
+        for split in ("validation", "eval"):
+            if split in unseen and columns.discrete:
+                log.info("%s: rows with a discrete value the training split lacks: %s", split, ", ".join(f"{c} {r:.2%}" for c, r in unseen[split].items()))
+    return examples, codes, unseen
 
 
 class Trainer:
@@ -115,15 +203,17 @@ class Trainer:
         self.owns_process_group = not (dist.is_available() and dist.is_initialized())
         init_distributed(self.device.type)
         self.rank, self.world = rank_and_world()
-        self.parsed = all_ranks(preflight, cfg, self.device, self.world)
+        self.threads, self.built_vocabs, self.parsed = all_ranks(self._preflight)
         self.allowed_targets = list(cfg.get("allowed_targets") or [])
         torch.manual_seed(cfg.train.seed)
-        self.examples = all_ranks(prepare_data, cfg, self.rank)
+        self.examples, self.codes, self.unseen = all_ranks(prepare_data, cfg, self.rank)
+        self.derived_small, self.derived_strata = all_ranks(self._derive)
         large, small = all_ranks(self._build_modules)
         self.vocab = VocabMapper({f: large.vocabs[s.name] for s in large.specs if s.name in large.vocabs for f in s.feature_names})
         # Raw ids become rows once per split, vectorised over the whole split, so the step does not
         # pay for it (the mapper would do the same per batch; see BENCHMARKS.md, section 7).
-        self.examples = {split: self._to_rows(examples) for split, examples in self.examples.items()}
+        self.oov: Dict[str, Dict[str, float]] = {}
+        self.examples = {split: self._to_rows(split, examples) for split, examples in self.examples.items()}
         model = RecapModel(large, small, list(cfg.model.hidden), cfg.model.interaction)
         self.model = shard(model, self.parsed, device=self.device)
         self.specs = large.specs
@@ -135,19 +225,69 @@ class Trainer:
         dense_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[dense.name]
         self.optimizer = combined_optimizer(self.model, lambda params: dense_cls(params, lr=dense.lr, weight_decay=dense.weight_decay))
         self.scheduler = EmbeddingLRScheduler(self.model, self.optimizer)
-        strata = build(cfg.stratifiers, self.parsed, allowed_targets=self.allowed_targets)
+        if self.derived_strata is not None:
+            parsed = replace(self.parsed, stratifiers=validate({"strata": self.derived_strata}, section="stratifiers").stratifiers)
+            strata = build(cfg.stratifiers, parsed, allowed_targets=self.allowed_targets)
+        else:
+            strata = build(cfg.stratifiers, self.parsed, allowed_targets=self.allowed_targets)
+            if self.rank == 0:
+                for note in derive.describe_given_strata(list(strata), self.codes):
+                    log.warning("%s", note)
         self.metrics = StratifiedMetrics({"auroc": BinaryAUROC(), "loss": MeanMetric()}, strata).to(self.device)
+        # Validation runs every eval_every steps: overall metrics only, the strata are for eval.
+        self.validation_metrics = StratifiedMetrics({"auroc": BinaryAUROC(), "loss": MeanMetric()}, Stratifiers()).to(self.device)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
         self.step = 0
         self.curve: List[Dict[str, float]] = []
+        self.keep_best = _keep_best_from(cfg.train)
+
+    def _preflight(self) -> tuple:
+        """Threads, the vocabs the app will build, then `preflight`: nothing read or built yet."""
+        threads = apply_threads(self.cfg.train.threads)
+        try:
+            planned = build_vocab_paths(self.cfg, self.output_dir)
+        except ConfigError:
+            planned = {}  # a malformed table: validate names every problem next
+        parsed = preflight(self.cfg, self.device, self.world)
+        return threads, planned, parsed
+
+    def _derive(self) -> tuple:
+        """Small tables and strata for empty sections, and the vocabs planned by `build_vocab_paths`,
+        from the training rows; rank 0 writes them (and the codes) into the run dir."""
+        cfg, train = self.cfg, self.examples["train"]
+        d = cfg.data.derive
+        small = strata = None
+        if d.small_embeddings and not len(cfg.small_embeddings.get("tables") or {}):
+            small = derive.derive_small_tables(self.codes, int(d.max_dim))
+        if d.stratifiers and not len(cfg.stratifiers.get("strata") or {}):
+            strata = derive.derive_strata(self.codes, int(d.strata_per_column))
+        by_feature = {"user": train.user_ids.numpy(), "item": train.item_ids.numpy()}
+        vocab_ids = {key: derive.vocab_from_ids([by_feature[f] for f in spec.feature_names]) for key, spec in self.built_vocabs.items()}
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for key, spec in self.built_vocabs.items():
+                derive.write_vocab(Path(cfg.embeddings.tables[key].vocab), vocab_ids[key], spec.path)
+            atomic_write_text(self.output_dir / "discrete_codes.json", json.dumps(self.codes.to_json(), indent=2) + "\n")
+            if small is not None or strata is not None:
+                atomic_write_text(self.output_dir / "derived.yaml", derive.as_yaml(small, strata))
+            if small:
+                log.info("small tables derived from the data: %s", ", ".join(f"{k} {t['num_embeddings']}x{t['embedding_dim']}" for k, t in small.items()))
+            if strata:
+                log.info("strata derived from the data: %s", ", ".join(strata))
+        return small, strata
 
     def _build_modules(self) -> tuple:
         """The embedding modules (on meta) with their vocabs, and what needs the data to check."""
         cfg = self.cfg
         # Built from the parsed config: nothing is parsed twice.
-        parsed = self.parsed
-        large = build(cfg.embeddings, parsed, allowed_targets=self.allowed_targets)
-        small = build(cfg.small_embeddings, parsed, allowed_targets=self.allowed_targets)
+        large = build(cfg.embeddings, self.parsed, allowed_targets=self.allowed_targets)
+        if self.derived_small is not None:  # through the section's own `_target_`, which may be the user's
+            derived = validate({"tables": self.derived_small}, section="small_embeddings", num_discrete_features=len(self.codes.columns))
+            small = build(cfg.small_embeddings, replace(self.parsed, small_embeddings=derived.small_embeddings), allowed_targets=self.allowed_targets)
+        else:
+            small = build(cfg.small_embeddings, self.parsed, allowed_targets=self.allowed_targets)
+            top = {i: max(int(e.discrete[:, i].max()) for e in self.examples.values() if len(e)) for i in range(len(self.codes.columns))}
+            derive.check_given_small_tables(small.tables, self.codes, top)
         for spec in large.specs:
             # A table with a vocab and its own num_embeddings: its rows still come from the vocab
             # (raw ids are meaningless as rows); the vocab must fit in num_embeddings.
@@ -183,26 +323,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
 
-    def _to_rows(self, examples: Examples) -> Examples:
+    def _to_rows(self, split: str, examples: Examples) -> Examples:
+        """Raw ids to rows; the share of ids each table's vocab lacks (OOV) is logged per split."""
         vocabs = self.vocab.vocabs
+        self.vocab.reset_counts()
         user = vocabs["user"].map(examples.user_ids) if "user" in vocabs else examples.user_ids
         item = vocabs["item"].map(examples.item_ids) if "item" in vocabs else examples.item_ids
+        self.oov[split] = self.vocab.oov_rates()
+        if self.rank == 0 and split != "train" and self.oov[split]:
+            log.info("%s: ids not in the table's vocab (OOV): %s", split, ", ".join(f"{t} {r:.2%}" for t, r in self.oov[split].items()))
         return Examples(user, item, examples.discrete, examples.clicks)
 
     def _batch(self, batch: Batch) -> Batch:
         return batch.to(self.device)
 
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self, split: str = "eval") -> Dict[str, float]:
+        """Metrics of the current model on a split: eval with its strata, validation overall only."""
+        metrics = self.metrics if split == "eval" else self.validation_metrics
         self.model.eval()
-        self.metrics.reset()
+        metrics.reset()
         with torch.no_grad():
-            for raw in batches(self.examples["eval"], self.cfg.train.batch_size, rank=self.rank, world_size=self.world, drop_last=False):
+            for raw in batches(self.examples[split], self.cfg.train.batch_size, rank=self.rank, world_size=self.world, drop_last=False):
                 batch = self._batch(raw)
                 logits = self.model(batch.sparse, batch.discrete)
                 loss = self.loss_fn(logits, batch.labels)
-                self.metrics.update(torch.sigmoid(logits), batch.labels.long(), batch.discrete, loss=loss)
+                metrics.update(torch.sigmoid(logits), batch.labels.long(), batch.discrete, loss=loss)
         self.model.train()
-        return {k: float(v) for k, v in self.metrics.compute().items()}
+        return {k: float(v) for k, v in metrics.compute().items()}
+
+    def app_state(self) -> Dict[str, Any]:
+        """What a checkpoint holds."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
     def write_plan(self) -> str:
         rows = describe_plan(self.model)
@@ -221,10 +372,13 @@ class Trainer:
         per_epoch = num_batches(len(train_set), cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
         bar = _progress(total, enabled=cfg.progress and self.rank == 0)
+        if "validation" not in self.examples and self.rank == 0:
+            log.warning("data.validation_fraction=0: no validation split, so no early stopping and no keep-best; the curve is on the eval split")
         start = time.perf_counter()
         step_time = 0.0
         running = None
         stats: Dict[str, Any] = {}
+        stopped_early: Optional[str] = None
         done = False
         for epoch in range(cfg.epochs):
             for raw in batches(train_set, cfg.batch_size, rank=self.rank, world_size=self.world, shuffle_seed=cfg.seed * 1000 + epoch):
@@ -247,6 +401,10 @@ class Trainer:
                     stats = self._log_tables()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self._eval_point(running)
+                    if "validation" in self.examples and self.keep_best.should_stop:
+                        stopped_early = self.keep_best.stop_reason()
+                        done = True
+                        break
                 if self.step >= total:
                     done = True
                     break
@@ -255,48 +413,89 @@ class Trainer:
         if bar is not None:
             bar.close()
         wall = time.perf_counter() - start
-        final = self.evaluate()
         if not self.curve or self.curve[-1]["step"] != self.step:
-            self.curve.append({"step": self.step, "train_loss": running, "eval_auroc": final["auroc"], "eval_loss": final["loss"]})
+            self._eval_point(running)  # the last step is a candidate for the best too
+        if stopped_early and self.rank == 0:
+            log.info("early stop at step %d: %s", self.step, stopped_early)
         stats = self._log_tables() or stats
         checkpoint = None
         if cfg.checkpoint:
-            app_state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
-            checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, app_state, asynchronous=cfg.checkpoint_async)
+            checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, self.app_state(), asynchronous=cfg.checkpoint_async)
             if isinstance(checkpoint, PendingCheckpoint):  # the job ends here: complete it (collective)
                 checkpoint = checkpoint.wait()
+        final_eval = self.evaluate("eval")
+        final = {"step": self.step, "validation": self._last_validation(), "eval": final_eval, "checkpoint": str(checkpoint) if checkpoint else None}
+        best: Optional[Dict[str, Any]] = None
+        kb = self.keep_best
+        if "validation" in self.examples and kb.best_step >= 0:
+            best_eval = final_eval
+            if kb.best_step != self.step:
+                if kb.checkpoint is None:  # keep_best=false: the best model's weights were not kept
+                    best_eval = None
+                else:
+                    restore_checkpoint(kb.checkpoint, {"model": self.model})
+                    best_eval = self.evaluate("eval")
+            best = {"step": kb.best_step, "validation": kb.best_metrics, "eval": best_eval, "checkpoint": str(kb.checkpoint) if kb.checkpoint else None}
+        kept = best["eval"] if best is not None and best["eval"] is not None else final_eval
         metrics = {
             "steps": self.step,
             "examples": self.step * cfg.batch_size,
             "world_size": self.world,
             "device": str(self.device),
+            "threads": self.threads,
             "train_seconds": wall,
             "seconds_per_step": step_time / max(1, self.step),
             "examples_per_second": self.step * cfg.batch_size / max(wall, 1e-9),
             "final_train_loss": running,
-            "eval": final,
-            "eval_auroc": final["auroc"],
-            "eval_loss": final["loss"],
+            "rows": {split: len(e) for split, e in self.examples.items()},
+            # The model this run keeps: the best validation step's with keep-best, else the last step's.
+            "eval": kept,
+            "eval_auroc": kept["auroc"],
+            "eval_loss": kept["loss"],
+            # What a sweeper optimises: validation, never eval (None without a validation split).
+            "validation_auroc": best["validation"]["auroc"] if best is not None else None,
+            "best": best,
+            "final": final,
+            "stopped_early": stopped_early,
             "best_possible_eval_auroc": oracle_auroc(Path(self.cfg.data.dir)) if self.cfg.data.source == DataSource.synthetic else None,
             "curve": self.curve,
             "table_stats": stats,
-            "oov_rate": self.vocab.oov_rates(),
+            "oov_rate": self.oov.get("eval", {}),
+            "oov_rate_by_split": self.oov,
+            "unseen_discrete_rate": self.unseen,
             "pretrained": {k: str(v) for k, v in (self.pretrained or {}).items()},
             "embedding_dims": {s.name: s.embedding_dim for s in self.specs},
             "checkpoint": str(checkpoint) if checkpoint is not None else None,
         }
         if self.rank == 0:
             _write_json(self.output_dir / "metrics.json", metrics)
-            log.info("eval: %s", "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
+            if best is not None and best["eval"] is not None and best["step"] != self.step:
+                log.info("eval of the best step %d (validation %s %.4f): %s", best["step"], kb.metric, kb.best_value, _fmt(best["eval"]))
+                log.info("eval of the last step %d: %s", self.step, _fmt(final_eval))
+            else:
+                log.info("eval: %s", _fmt(kept))
             if metrics["best_possible_eval_auroc"] is not None:
                 log.info("best possible eval auroc on this synthetic log: %.4f", metrics["best_possible_eval_auroc"])
         return metrics
 
+    def _last_validation(self) -> Optional[Dict[str, float]]:
+        last = self.curve[-1] if self.curve else {}
+        if "validation_auroc" not in last:
+            return None
+        return {"auroc": last["validation_auroc"], "loss": last["validation_loss"]}
+
     def _eval_point(self, running: Optional[float]) -> None:
-        result = self.evaluate()
-        self.curve.append({"step": self.step, "train_loss": running, "eval_auroc": result["auroc"], "eval_loss": result["loss"]})
+        """Evaluate on the validation split (on eval when there is none) for the curve; with a
+        validation split, update keep-best and save the best checkpoint when it improved."""
+        split = "validation" if "validation" in self.examples else "eval"
+        result = self.evaluate(split)
+        self.curve.append({"step": self.step, "train_loss": running, f"{split}_auroc": result["auroc"], f"{split}_loss": result["loss"]})
+        improved = split == "validation" and self.keep_best.update(self.step, result)
         if self.rank == 0:
-            log.info("step %d: eval auroc %.4f loss %.4f", self.step, result["auroc"], result["loss"])
+            mark = " (best)" if improved else ""
+            log.info("step %d: %s auroc %.4f loss %.4f%s", self.step, split, result["auroc"], result["loss"], mark)
+        if improved and self.cfg.train.keep_best:
+            self.keep_best.save(self.output_dir / "checkpoints", self.step, self.app_state())
 
     def _log_tables(self) -> Dict[str, Any]:
         tables = [s.name for s in self.specs if s.key in self.cfg.embeddings.tables_to_log or s.name in self.cfg.embeddings.tables_to_log]
@@ -306,6 +505,10 @@ class Trainer:
         if self.rank == 0:
             log.info("step %d tables: %s", self.step, "; ".join(f"{t}: " + ", ".join(f"{k}={v:.4g}" for k, v in s.items()) for t, s in stats.items()))
         return stats
+
+
+def _fmt(values: Dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in values.items())
 
 
 def _progress(total: int, enabled: bool):

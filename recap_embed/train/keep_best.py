@@ -1,0 +1,105 @@
+"""Early stopping and keep-best on the validation split.
+
+`KeepBest` watches one validation metric (AUROC: higher is better; loss: lower is better) at
+every evaluation: it remembers the best step and its metrics, says when `patience` evaluations in
+a row have not improved on it by more than `min_delta` (then training stops), and keeps the
+checkpoint of the best evaluation in ``<checkpoints>/best/step_<N>`` (the previous best is removed
+once the new one is complete, so a crash never leaves no best). It is a Stateful (``state_dict``
+/ ``load_state_dict``), so a checkpoint that carries it resumes with the same best and patience.
+
+Every rank calls it with the same value (torchmetrics syncs across ranks), so every rank takes the
+same decision; saving is collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch.distributed as dist
+
+from recap_embed.io.checkpoint import PendingCheckpoint, list_checkpoints, save_checkpoint
+
+__all__ = ["KeepBest", "BEST_DIR"]
+
+log = logging.getLogger("recap_embed.train")
+
+#: Sub-directory of the checkpoint directory holding the best checkpoint.
+BEST_DIR = "best"
+
+
+class KeepBest:
+    """The best validation evaluation so far, patience, and the best checkpoint."""
+
+    def __init__(self, metric: str, higher_is_better: bool, patience: Optional[int], min_delta: float = 0.0) -> None:
+        if patience is not None and patience < 1:
+            raise ValueError(f"train.early_stopping.patience: {patience} is not allowed; use a positive number of evaluations, or null to never stop early")
+        if min_delta < 0 or not math.isfinite(min_delta):
+            raise ValueError(f"train.early_stopping.min_delta: {min_delta} is not allowed; use a non-negative number")
+        self.metric = metric
+        self.higher_is_better = higher_is_better
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.best_step = -1
+        self.best_value = -math.inf if higher_is_better else math.inf
+        self.best_metrics: Dict[str, float] = {}
+        self.evals_since_best = 0
+        self.checkpoint: Optional[Path] = None
+
+    # ------------------------------------------------------------------ decisions
+
+    def update(self, step: int, metrics: Dict[str, float]) -> bool:
+        """Record an evaluation; True when it is a new best. NaN never improves."""
+        value = float(metrics[self.metric])
+        gain = value - self.best_value if self.higher_is_better else self.best_value - value
+        if math.isfinite(value) and (self.best_step < 0 or gain > self.min_delta):
+            self.best_step, self.best_value, self.best_metrics = int(step), value, dict(metrics)
+            self.evals_since_best = 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.evals_since_best >= self.patience
+
+    def stop_reason(self) -> str:
+        return (
+            f"validation {self.metric} has not improved on {self.best_value:.4f} (step {self.best_step}) "
+            f"for {self.evals_since_best} evaluations (train.early_stopping.patience={self.patience})"
+        )
+
+    # ------------------------------------------------------------------ best checkpoint
+
+    def save(self, directory: Path, step: int, app_state: Dict[str, Any]) -> Path:
+        """Save the best checkpoint (collective), then remove the older ones under ``best/``."""
+        root = Path(directory) / BEST_DIR
+        path = save_checkpoint(root, step, app_state)
+        if isinstance(path, PendingCheckpoint):  # pragma: no cover - saved synchronously above
+            path = path.wait()
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if rank == 0:
+            for old in list_checkpoints(root):
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ Stateful
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "best_step": self.best_step,
+            "best_value": self.best_value,
+            "evals_since_best": self.evals_since_best,
+            "checkpoint": str(self.checkpoint) if self.checkpoint is not None else "",
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.best_step = int(state["best_step"])
+        self.best_value = float(state["best_value"])
+        self.evals_since_best = int(state["evals_since_best"])
+        self.checkpoint = Path(state["checkpoint"]) if state.get("checkpoint") else None
