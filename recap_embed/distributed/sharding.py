@@ -153,6 +153,7 @@ def _check(values: Any, prefix: str, specs: List[Any], device_type: str, shardin
             if algorithm not in CPU_ALGORITHMS:
                 allowed = ", ".join(sorted(a.name for a in CPU_ALGORITHMS))
                 problems.append((f"{s.path}.optimizer.algorithm", f"{algorithm.name} cannot be fused on CPU; allowed on CPU: {allowed}"))
+    problems.extend(_training_flags(specs))
     if problems:
         # Keep the first report of each path (validate and this check may both see one).
         seen, unique = set(), []
@@ -161,6 +162,26 @@ def _check(values: Any, prefix: str, specs: List[Any], device_type: str, shardin
                 seen.add(p)
                 unique.append(p)
         raise ConfigValidationError(unique)
+
+
+def _training_flags(specs: List[Any]) -> List[Tuple[str, str]]:
+    """torchrec table fields a config may carry (recap_embed.interop) that training here cannot honour."""
+    problems = []
+    for s in specs:
+        pruned = s.num_embeddings_post_pruning
+        if pruned is not None and pruned != s.num_embeddings:
+            problems.append((f"{s.path}.num_embeddings_post_pruning", (
+                f"is {pruned}, not the table's {s.num_embeddings} rows: torchrec's sharders would allocate {pruned} "
+                f"rows (the field describes a table after pruning, for inference); set it to null to train"
+            )))
+        if s.need_pos:
+            problems.append((f"{s.path}.need_pos", (
+                "is true, which marks a table fed by a position-weighted feature processor (torchrec's "
+                "FeatureProcessedEmbeddingBagCollection); LargeEmbeddings has none, so it would do nothing, except "
+                "under row-wise sharding of weighted inputs, where torchrec replaces the per-id weights by positions; "
+                "set it to false to train"
+            )))
+    return problems
 
 
 def _check_plan(plan: Any, prefix: str, device_type: str) -> None:
