@@ -98,20 +98,26 @@ def _run(args: argparse.Namespace) -> int:
     key = args.key if args.key is not None else _default_key(root)
     node = _select(root, key, args.file)
     conversion = from_tml(node, path=key)
-    if conversion.skipped:
-        print(f"{PROG}: note: not embedding config, not converted: {', '.join(conversion.skipped)}", file=sys.stderr)
     _warn_broken_rules(conversion)
     shown = _display_path(source)
     if args.print_only:
         rendered = render_presets(conversion, name, source=shown)
         sys.stdout.write("\n".join(f"# ==> {rel} <==\n{body}" for rel, body in rendered.items()))
+        _note_skipped(conversion)
         return 0
     written = write_presets(conversion, args.out, name, overwrite=args.overwrite, source=shown)
     for path in written:
         print(f"wrote {path}")
     groups = ", ".join(f"{p.parent.name}={name}" for p in written)
     print(f"select with: {groups}")
+    _note_skipped(conversion)
     return 0
+
+
+def _note_skipped(conversion: TmlConversion) -> None:
+    """Name what sat beside the sections and was left alone (TwHIN's relations, ...)."""
+    if conversion.skipped:
+        print(f"{PROG}: note: not embedding config, not converted: {', '.join(conversion.skipped)}", file=sys.stderr)
 
 
 def _warn_broken_rules(conversion: TmlConversion) -> None:

@@ -852,7 +852,7 @@ def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
     tables = []
     for key, raw in emb["tables"].items():
         tpath = f"{path}.tables.{key}"
-        item, t = _table_to_tml(raw, emb, tpath)
+        item, t = _table_to_tml(raw, key, emb, tpath)
         if t["data_type"] != "fp32":
             raise TmlConversionError(f"{tpath}.data_type", f"is {t['data_type']}; tml's recap format has fp32 tables only (the common format has data_type)")
         if _has_override(t["optimizer"]):
@@ -875,7 +875,7 @@ def _common_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
     tables = []
     for key, raw in emb["tables"].items():
         tpath = f"{path}.tables.{key}"
-        item, t = _table_to_tml(raw, emb, tpath)
+        item, t = _table_to_tml(raw, key, emb, tpath)
         if t["data_type"] not in _TML_DATA_TYPES:
             raise TmlConversionError(f"{tpath}.data_type", f"is {t['data_type']}; tml's data types are {', '.join(_TML_DATA_TYPES)}")
         item["data_type"] = t["data_type"]
@@ -887,12 +887,12 @@ def _common_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
     return out
 
 
-def _table_to_tml(raw: Mapping[str, Any], emb: Dict[str, Any], tpath: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _table_to_tml(raw: Mapping[str, Any], key: str, emb: Dict[str, Any], tpath: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """The fields both formats' tables share, and the table's resolved values."""
     t = dict(raw)
     if not isinstance(t.get("embedding_dim"), int):  # null, or an older schema's interpolation
         t["embedding_dim"] = emb["embedding_dim"]
-    name = t["name"] or tpath.rsplit(".", 1)[-1]
+    name = t["name"] or key
     _refuse_additions(t, name, tpath)
     item: Dict[str, Any] = {"name": name, "num_embeddings": t["num_embeddings"], "embedding_dim": t["embedding_dim"]}
     snap = t["pretrained"] or {}
