@@ -122,6 +122,9 @@ class LargeEmbeddings(nn.Module):
             )
         self.cut = nn.Identity()
         self._feature_set = frozenset(self.feature_names)
+        # Output keys per table, as torchrec names them (kept: a sharded EBC no longer has the configs).
+        configs = self.ebc.embedding_bag_configs()
+        self._output_keys: Dict[str, List[str]] = {c.name: n for c, n in zip(configs, get_embedding_names_by_table(configs))}
         # Rows seen by forward since the last `table_stats` call, for the tables being tracked.
         self._touched: Dict[str, Optional[torch.Tensor]] = {name: None for name in self.tables_to_log}
 
@@ -157,8 +160,8 @@ class LargeEmbeddings(nn.Module):
 
     @property
     def feature_names(self) -> List[str]:
-        """Keys the input KeyedJaggedTensor must carry, in table order."""
-        return [f for s in self.specs for f in s.feature_names]
+        """Keys the input KeyedJaggedTensor must carry, in table order (a shared feature once)."""
+        return list(dict.fromkeys(f for s in self.specs for f in s.feature_names))
 
     @property
     def table_names(self) -> List[str]:
@@ -168,13 +171,11 @@ class LargeEmbeddings(nn.Module):
     def embedding_names(self) -> List[str]:
         """Keys of the output KeyedTensor, in order: one per (table, feature), the feature's
         name, or ``feature@table`` for a feature several tables read (torchrec's naming)."""
-        return [n for names in get_embedding_names_by_table(self.ebc.embedding_bag_configs()) for n in names]
+        return [n for names in self._output_keys.values() for n in names]
 
     def output_keys(self, table: str) -> List[str]:
         """The output keys of one table (name or key), in the order of its features."""
-        name = self.spec(table).name
-        names = get_embedding_names_by_table(self.ebc.embedding_bag_configs())
-        return next(list(n) for c, n in zip(self.ebc.embedding_bag_configs(), names) if c.name == name)
+        return list(self._output_keys[self.spec(table).name])
 
     def spec(self, table: str) -> TableSpec:
         """The spec of a table, by name or key."""
