@@ -49,6 +49,9 @@ _CARRIED = ("num_embeddings", "embedding_dim", "feature_names", "weight_init_min
 #: Fields converted with their own rules.
 _CONVERTED = ("name", "data_type", "pooling", "init_fn")
 
+#: Values a table of ours has when a field is not set (left out of the converted tables).
+_OUR_DEFAULTS = {"need_pos": False, "data_type": "fp32", "pooling": "sum"}
+
 #: Fields of the embeddings node a caller may pass to `from_torchrec` besides the tables.
 _COLLECTION_FIELDS = ("optimizer", "tables_to_log", "embedding_dim", "is_weighted")
 
@@ -112,6 +115,7 @@ def _table(config: Any, path: str) -> "tuple[str, Dict[str, Any]]":
     if not isinstance(name, str) or not name:
         raise TorchrecConversionError(f"{path}.name", f"{name!r} is not a table name; give every table a non-empty name")
     path = f"{path} ({name!r})"
+    _refuse_unconvertible(fields, path)
     out: Dict[str, Any] = {}
     for key in _CARRIED:
         if key in fields:
@@ -130,12 +134,12 @@ def _table(config: Any, path: str) -> "tuple[str, Dict[str, Any]]":
     out["data_type"] = _data_type(fields.get("data_type", TorchrecDataType.FP32), f"{path}.data_type")
     out["pooling"] = _pooling(fields.get("pooling", PoolingType.SUM), f"{path}.pooling")
     _check_init_fn(fields, path)
-    return name, out
+    # What equals our defaults is left out, so the preset reads like one written by hand.
+    return name, {k: v for k, v in out.items() if v is not None and _OUR_DEFAULTS.get(k, object()) != v}
 
 
 def _fields_of(config: Any, path: str) -> Dict[str, Any]:
-    """The set fields of a torchrec table config (dataclass or its asdict), refusing any field
-    with no equivalent here that is not at torchrec's default."""
+    """The fields of a torchrec table config (dataclass or its asdict)."""
     if isinstance(config, BaseEmbeddingConfig) and not isinstance(config, TorchrecTableConfig):
         raise TorchrecConversionError(
             path,
@@ -152,6 +156,12 @@ def _fields_of(config: Any, path: str) -> Dict[str, Any]:
                 raise TorchrecConversionError(f"{path}.{key}", f"is not a field of torchrec's EmbeddingBagConfig; fields: {', '.join(defaults)}")
     else:
         raise TorchrecConversionError(path, f"expected a torchrec.EmbeddingBagConfig or a mapping of its fields, got {type(config).__name__}")
+    return values
+
+
+def _refuse_unconvertible(values: Mapping[str, Any], path: str) -> None:
+    """Any field with no equivalent here must be at torchrec's default: refused by name, never dropped."""
+    defaults = {f.name: f for f in dataclasses.fields(TorchrecTableConfig)}
     for key, value in values.items():
         if key in _CARRIED or key in _CONVERTED:
             continue
@@ -162,7 +172,6 @@ def _fields_of(config: Any, path: str) -> Dict[str, Any]:
                 f"{path}.{key}",
                 f"is {value!r}; recap_embed has no equivalent for {key} (only its default, {default!r}, converts)",
             )
-    return values
 
 
 def _data_type(value: Any, path: str) -> str:

@@ -46,6 +46,7 @@ from recap_embed.config import (
     CPU_SHARDING_TYPES,
     ComputeKernel,
     ConfigValidationError,
+    DataType,
     OptimizerAlgorithm,
     ShardingType,
     TablePlacement,
@@ -149,6 +150,8 @@ def _check(values: Any, prefix: str, specs: List[Any], device_type: str, shardin
             if k not in (ComputeKernel.fused, ComputeKernel.dense):
                 problems.append((f"{prefix}.compute_kernels[{i}]", f"{k.name} needs CUDA; allowed on CPU: dense, fused"))
         for s in specs:
+            if s.data_type == DataType.bf16:
+                problems.append((f"{s.path}.data_type", "bf16 needs CUDA (FBGEMM's CPU kernels have no bf16 lookup); allowed on CPU: fp32, fp16"))
             algorithm = OptimizerAlgorithm(s.optimizer.algorithm)
             if algorithm not in CPU_ALGORITHMS:
                 allowed = ", ".join(sorted(a.name for a in CPU_ALGORITHMS))
