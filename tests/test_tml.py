@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -746,3 +747,42 @@ def test_common_format_round_trip_through_composed_presets(emb: Dict[str, Any], 
     expected = {"embeddings": _normalise_common(emb)}
     assert to_tml(cfg) == expected
     assert to_tml(conversion) == expected
+
+
+# --------------------------------------------------------------------------- TwHIN's YAML in the apps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", [None, "model"])
+def test_twhin_yaml_plans_and_trains_in_the_training_app(twhin_file: Path, key: Optional[str]) -> None:
+    """Converted, then planned by recap-embed-plan and trained by recap-embed-train as they are.
+
+    The app's data has features `user` and `item`: the tweet table reads `item` through the app's
+    item vocab, in place of the app's own item table.
+    """
+    assert main([twhin_file.name, "--name", "twhin_tml"] + (["--key", key] if key else [])) == 0
+    conf = twhin_file.parent / "conf"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [f"hydra.searchpath=[file://{conf}]", "embeddings=twhin_tml"]
+    plan_dir = twhin_file.parent / "plan"
+    planned = subprocess.run([sys.executable, "-m", "recap_embed.plan", *common, "topology.world_size=2", f"hydra.run.dir={plan_dir}"],
+                             cwd=twhin_file.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    assert set(plan["tables"]) == {"user", "tweet"}
+
+    run_dir = twhin_file.parent / "run"
+    trained = subprocess.run(
+        [sys.executable, "-m", "recap_embed.train", *common, "~embeddings.tables.item",
+         "embeddings.tables.tweet.feature_names=[item]", "embeddings.tables.tweet.vocab=${data.dir}/vocab/item",
+         "data.synthetic.num_train=20000", "data.synthetic.num_eval=4000", "data.synthetic.unknown_rate=0",
+         "train.epochs=1", "train.progress=false", f"hydra.run.dir={run_dir}"],
+        cwd=twhin_file.parent, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    composed = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["embeddings"]["tables"]
+    assert {k: (t["num_embeddings"], t["embedding_dim"], t["optimizer"]["init_learning_rate"]) for k, t in composed.items()} == {
+        "user": (424241, 4, 0.01), "tweet": (72543, 4, 0.005)}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 20000 // 1024 and metrics["embedding_dims"] == {"user": 4, "tweet": 4}
+    assert 0.5 < metrics["eval_auroc"] < 1
