@@ -213,6 +213,14 @@ def _check_init_fn(fields: Mapping[str, Any], path: str) -> None:
     init_fn = fields.get("init_fn")
     if init_fn is None or _is_default_init(init_fn, fields):
         return
+    if _is_uniform(init_fn) and isinstance(fields.get("num_embeddings"), int) and fields["num_embeddings"] > 0:
+        low, high = _init_range(fields)
+        raise TorchrecConversionError(
+            f"{path}.init_fn",
+            f"is uniform over [{init_fn.keywords.get('a')}, {init_fn.keywords.get('b')}] but weight_init_min/max give "
+            f"[{low}, {high}] (changed after the config was made?); torchrec's sharded kernels initialise from "
+            f"weight_init_min/max, so set those to the range you mean",
+        )
     raise TorchrecConversionError(
         f"{path}.init_fn",
         f"is {init_fn!r}, a custom callable, which has no equivalent (a config cannot hold code, and torchrec's "
@@ -221,16 +229,24 @@ def _check_init_fn(fields: Mapping[str, Any], path: str) -> None:
     )
 
 
+def _is_uniform(init_fn: Any) -> bool:
+    return (isinstance(init_fn, functools.partial) and init_fn.func is torch.nn.init.uniform_ and not init_fn.args
+            and set(init_fn.keywords) == {"a", "b"})
+
+
+def _init_range(fields: Mapping[str, Any]) -> "tuple[float, float]":
+    """[weight_init_min, weight_init_max] with torchrec's defaults (+-sqrt(1/rows)) for unset ends."""
+    rows = fields["num_embeddings"]
+    low, high = fields.get("weight_init_min"), fields.get("weight_init_max")
+    return (-math.sqrt(1 / rows) if low is None else low, math.sqrt(1 / rows) if high is None else high)
+
+
 def _is_default_init(init_fn: Any, fields: Mapping[str, Any]) -> bool:
-    if not isinstance(init_fn, functools.partial) or init_fn.func is not torch.nn.init.uniform_ or init_fn.args:
-        return False
+    """torchrec's own init_fn: uniform over the config's range, as `__post_init__` makes it."""
     rows = fields.get("num_embeddings")
-    if not isinstance(rows, int) or rows <= 0:
+    if not _is_uniform(init_fn) or not isinstance(rows, int) or rows <= 0:
         return False
-    low = fields.get("weight_init_min")
-    high = fields.get("weight_init_max")
-    low = -math.sqrt(1 / rows) if low is None else low
-    high = math.sqrt(1 / rows) if high is None else high
+    low, high = _init_range(fields)
     return init_fn.keywords == {"a": low, "b": high}
 
 
