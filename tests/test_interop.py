@@ -14,6 +14,8 @@ from typing import Any, Dict, List
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -64,6 +66,39 @@ def test_torchrec_configs_round_trip_field_by_field():
     assert [fields_of(c) for c in built.ebc.embedding_bag_configs()] == [fields_of(c) for c in tables]
     assert built.embedding_names == ["u@user", "u_hist", "i", "u@item", "a"]
     assert built.output_keys("item") == ["i", "u@item"] and built.feature_names == ["u", "u_hist", "i", "a"]
+
+
+@st.composite
+def random_tables(draw: st.DrawFn) -> List[EmbeddingBagConfig]:
+    names = draw(st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True), min_size=1, max_size=5, unique=True))
+    pool = draw(st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True), min_size=1, max_size=6, unique=True))
+    tables = []
+    for name in names:
+        rows = draw(st.integers(1, 10**6))
+        low = draw(st.none() | st.floats(-1.0, 0.0))
+        high = draw(st.none() | st.floats(0.0, 1.0))
+        if low is not None and high is None and low > math.sqrt(1 / rows):
+            low = None
+        if high is not None and low is None and high < -math.sqrt(1 / rows):
+            high = None
+        tables.append(EmbeddingBagConfig(
+            name=name, num_embeddings=rows, embedding_dim=4 * draw(st.integers(1, 64)),
+            feature_names=draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3, unique=True)),  # shared across tables too
+            pooling=draw(st.sampled_from([PoolingType.SUM, PoolingType.MEAN])),
+            data_type=draw(st.sampled_from([DataType.FP32, DataType.FP16, DataType.BF16])),
+            weight_init_min=low, weight_init_max=high,
+            num_embeddings_post_pruning=draw(st.none() | st.integers(1, rows)), need_pos=draw(st.booleans()),
+        ))
+    return tables
+
+
+@settings(max_examples=40, deadline=None)
+@given(tables=random_tables())
+def test_random_torchrec_configs_round_trip(tables):
+    node = from_torchrec(tables)
+    want = [fields_of(c) for c in tables]
+    assert [fields_of(c) for c in to_torchrec(node)] == want
+    assert [fields_of(c) for c in LargeEmbeddings.from_config(node).ebc.embedding_bag_configs()] == want
 
 
 def test_asdict_converts_like_the_dataclass():
