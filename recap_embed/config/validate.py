@@ -176,15 +176,16 @@ def _check_torchrec_fields(table: EmbeddingBagConfig, path: str, device_type: st
         problems.append((f"{path}.data_type", "bf16 needs CUDA (FBGEMM's CPU kernels have no bf16 lookup); allowed on CPU: fp32, fp16"))
     rows = table.num_embeddings if isinstance(table.num_embeddings, int) and table.num_embeddings > 0 else None
     bounds = {"weight_init_min": table.weight_init_min, "weight_init_max": table.weight_init_max}
+    finite = True
     for field_name, value in bounds.items():
         if value is not None and not math.isfinite(value):
             problems.append((f"{path}.{field_name}", f"{value!r} is not allowed; use a finite number (null: torchrec's default, +-sqrt(1/rows))"))
-            return
+            finite = False
     low, high = table.weight_init_min, table.weight_init_max
     if rows is not None:  # torchrec's defaults for an unset end
         low = -math.sqrt(1 / rows) if low is None else low
         high = math.sqrt(1 / rows) if high is None else high
-    if low is not None and high is not None and low > high:
+    if finite and low is not None and high is not None and low > high:
         culprit = "weight_init_min" if table.weight_init_min is not None else "weight_init_max"
         problems.append((f"{path}.{culprit}", f"{bounds[culprit]!r} makes the initial range [{low:g}, {high:g}] empty; allowed: weight_init_min <= weight_init_max (an unset end is torchrec's +-sqrt(1/rows))"))
     pruned = table.num_embeddings_post_pruning
@@ -205,10 +206,9 @@ def _check_shared_features(emb: LargeEmbeddingsConfig, prefix: str, features: Di
         if len(readers) < 2:
             continue
         first = emb.tables[readers[0]]
-        mapping = lambda t: (t.vocab, t.oov_policy, t.oov_buckets)  # noqa: E731
         for key in readers[1:]:
             table = emb.tables[key]
-            if mapping(table) != mapping(first):
+            if (table.vocab, table.oov_policy, table.oov_buckets) != (first.vocab, first.oov_policy, first.oov_buckets):
                 problems.append((
                     f"{prefix}.tables.{key}.vocab",
                     f"feature {feature!r} is also read by table {readers[0]!r}, with vocab {first.vocab!r} "
