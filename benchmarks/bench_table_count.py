@@ -94,7 +94,7 @@ def instantiate_breakdown(cfg: Any, reps: int) -> Dict[str, Any]:
     from recap_embed.config import LargeEmbeddingsConfig, table_specs, validate
     from recap_embed.config.convert import from_mapping
     from recap_embed.instantiate import instantiate
-    from recap_embed.modules.large import _no_init_on_meta, _torchrec_config
+    from recap_embed.modules.large import _no_init_on_meta, torchrec_config
 
     def med(fn: Any) -> Any:
         ts, out = [], None
@@ -114,7 +114,7 @@ def instantiate_breakdown(cfg: Any, reps: int) -> Dict[str, Any]:
     out["validate(values)"], _ = med(lambda: validate(values, device="meta"))
     out["table_specs(values)"], specs = med(lambda: table_specs(values, prefix="embeddings"))
     out["from_mapping (typing, inside both)"], _ = med(lambda: from_mapping(LargeEmbeddingsConfig, dict(values), "embeddings", []))
-    configs = [_torchrec_config(s) for s in specs]
+    configs = [torchrec_config(s) for s in specs]
     out["torchrec EBC on meta (with init)"], _ = med(lambda: EmbeddingBagCollection(tables=configs, device=meta))
 
     def ebc_no_meta_init() -> Any:

@@ -4,6 +4,7 @@ Layers, each in its own folder:
 - ``recap_embed.config``: dataclass configs, config groups, validation (no torch import);
 - ``recap_embed.modules``, ``recap_embed.optim``, ``recap_embed.distributed``, ``recap_embed.io``:
   torchrec modules, fused optimizers and schedules, placement and sharding, snapshots and vocabs;
+- ``recap_embed.interop``: torchrec table configs in and out;
 - ``recap_embed.train``: the Hydra training app and its sweep report.
 
 The names most programs need are importable from here; torch-backed ones are loaded on first
@@ -32,6 +33,8 @@ _LAZY = {
     "save_checkpoint": "recap_embed.io.checkpoint",
     "restore_checkpoint": "recap_embed.io.checkpoint",
     "latest_checkpoint": "recap_embed.io.checkpoint",
+    "from_torchrec": "recap_embed.interop",
+    "to_torchrec": "recap_embed.interop",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -30,7 +30,16 @@ def problems_of(overrides: List[str], **kwargs) -> dict:
         (["embeddings.tables.user.embedding_dim=6"], "embeddings.tables.user.embedding_dim", ["6", "multiple of 4"]),
         (["embeddings.embedding_dim=10"], "embeddings.embedding_dim", ["10", "multiple of 4"]),
         (["embeddings.tables.tweet.name=user"], "embeddings.tables", ["'user'", "unique"]),
-        (["embeddings.tables.tweet.feature_names=[user]"], "embeddings.tables", ["feature 'user'", "one table"]),
+        (["embeddings.tables.tweet.feature_names=[tweet,tweet]"], "embeddings.tables.tweet.feature_names", ["'tweet' 2 times", "once per table"]),
+        (["embeddings.tables.tweet.feature_names=[user]", "embeddings.tables.user.vocab=/v/user"], "embeddings.tables.tweet.vocab",
+         ["feature 'user' is also read by table 'user'", "'/v/user'", "here vocab None", "map its ids the same way"]),
+        (["embeddings.tables.user.data_type=bf16"], "embeddings.tables.user.data_type", ["bf16 needs CUDA", "allowed on CPU: fp32, fp16"]),
+        (["embeddings.tables.user.weight_init_min=0.5", "embeddings.tables.user.weight_init_max=0.1"], "embeddings.tables.user.weight_init_min",
+         ["0.5", "[0.5, 0.1] empty", "weight_init_min <= weight_init_max"]),
+        (["embeddings.tables.tweet.weight_init_min=0.1"], "embeddings.tables.tweet.weight_init_min", ["[0.1, 0.00371", "sqrt(1/rows)"]),
+        (["embeddings.tables.user.weight_init_max=nan"], "embeddings.tables.user.weight_init_max", ["nan", "finite"]),
+        (["embeddings.tables.user.num_embeddings_post_pruning=0"], "embeddings.tables.user.num_embeddings_post_pruning", ["0", "positive integer"]),
+        (["embeddings.tables.tweet.num_embeddings_post_pruning=72544"], "embeddings.tables.tweet.num_embeddings_post_pruning", ["72544", "72543 rows", "1..72543"]),
         (["embeddings.tables_to_log=[user,item]"], "embeddings.tables_to_log[1]", ["'item'", "allowed: tweet, user"]),
         (["embeddings.tables.user.pretrained={emb_name: '', embedding_snapshot_uri: /snap}"], "embeddings.tables.user.pretrained.emb_name", ["empty"]),
         (["embeddings.tables.user.pretrained.embedding_snapshot_uri=''"], "embeddings.tables.user.pretrained.embedding_snapshot_uri", ["empty", "torchsnapshot"]),
@@ -84,6 +93,22 @@ def test_adam_is_fine_on_cuda_and_inherited_problems_are_reported_once():
     validate(cfg, device="cuda")
     problems = problems_of(["embeddings/optimizer=adam"])
     assert list(problems) == ["embeddings.optimizer.algorithm"]
+
+
+def test_torchrec_table_fields_that_hold():
+    """A feature two tables read (same mapping), bf16 on CUDA, a set init range and pruned rows."""
+    cfg = compose_app([
+        "embeddings.tables.tweet.feature_names=[user,tweet]",
+        "embeddings.tables.user.data_type=bf16",
+        "embeddings.tables.user.weight_init_min=-0.01", "embeddings.tables.user.weight_init_max=0.01",
+        "embeddings.tables.tweet.weight_init_min=0", "embeddings.tables.tweet.weight_init_max=0",  # zeros: a legal range
+        "embeddings.tables.tweet.num_embeddings_post_pruning=1000", "embeddings.tables.tweet.need_pos=true",
+    ])
+    validate(cfg, device="cuda")
+    validate(cfg, device="meta")  # building on meta: device rules wait for the placement
+    with pytest.raises(ConfigValidationError) as err:
+        validate(cfg, device="cpu")
+    assert [p for p, _ in err.value.problems] == ["embeddings.tables.user.data_type"]
 
 
 def test_sharding_row_wise_is_fine_on_cuda():

@@ -372,3 +372,18 @@ def test_mapper_from_config(tmp_path):
     bad = {"user": {"vocab": str(tmp_path / "users"), "oov_policy": "drop"}}
     with pytest.raises(VocabError, match=r"embeddings\.tables\.user\.vocab.*oov_policy='drop'"):
         VocabMapper.from_config(bad)
+
+
+def test_mapper_maps_a_shared_feature_once(tmp_path):
+    """Tables reading one feature through the same vocab share its mapping; different vocabs cannot."""
+    save_vocab(tmp_path / "users", [11, 12, 13], [0, 1, 2])
+    save_vocab(tmp_path / "other", [11, 12], [1, 0])
+    same = {"user": {"num_embeddings": None, "vocab": str(tmp_path / "users"), "feature_names": ["u"]},
+            "user2": {"num_embeddings": 8, "vocab": str(tmp_path / "users"), "feature_names": ["u", "v"]}}
+    mapper = VocabMapper.from_config(same)
+    assert sorted(mapper.vocabs) == ["u", "v"] and mapper.vocabs["u"].table == "user"
+    kjt = KeyedJaggedTensor(keys=["u", "v"], values=torch.tensor([13, 11]), lengths=torch.tensor([1, 1]))
+    assert mapper(kjt).values().tolist() == [2, 0]
+    differ = {**same, "user2": {**same["user2"], "vocab": str(tmp_path / "other")}}
+    with pytest.raises(VocabError, match=r"embeddings\.tables\.user2\.vocab: feature 'u' is also read by table 'user'"):
+        VocabMapper.from_config(differ)

@@ -1,6 +1,8 @@
-"""recap-embed-from-tml: turn a tml heavy-ranker YAML into this library's Hydra presets.
+"""recap-embed-from-tml: turn a tml YAML (heavy ranker or TwHIN) into this library's Hydra presets.
 
-Writes `<out>/embeddings/<name>.yaml`, `<out>/small_embeddings/<name>.yaml` and
+Reads both of tml's embedding formats, told apart by content: the recap format
+(`model.large_embeddings`, one collection optimizer) and the common format (TwHIN's
+`model.embeddings`, an optimizer and data type per table). Writes `<out>/embeddings/<name>.yaml`, `<out>/small_embeddings/<name>.yaml` and
 `<out>/stratifiers/<name>.yaml` (those the file has), selectable as `embeddings=<name>`.
 Every failure is one line on stderr and exit status 2, so scripts can tell it from a crash
 (with HYDRA_FULL_ERROR=1, as in the Hydra apps, the traceback instead).
@@ -30,7 +32,7 @@ from recap_embed.config.tml import (
 
 PROG = "recap-embed-from-tml"
 EXIT_ERROR = 2
-_SECTIONS = ("large_embeddings", "small_embeddings", "stratifiers")
+_SECTIONS = ("large_embeddings", "embeddings", "small_embeddings", "stratifiers")
 
 
 class _Failure(Exception):
@@ -40,16 +42,17 @@ class _Failure(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert the embedding sections of a tml (the-algorithm-ml) YAML config "
-        "into Hydra presets for the embeddings, small_embeddings and stratifiers groups.",
+        description="Convert the embedding sections of a tml (the-algorithm-ml) YAML config, in the recap "
+        "format (model.large_embeddings) or the common format (TwHIN's model.embeddings), into Hydra presets "
+        "for the embeddings, small_embeddings and stratifiers groups.",
     )
     p.add_argument("file", help="tml YAML config")
     p.add_argument(
         "--key",
         default=None,
-        help="dotted path of the node holding large_embeddings/small_embeddings/stratifiers, or of a "
-        "large_embeddings node itself (e.g. model, model.large_embeddings); default: the file's root, "
-        "else `model`",
+        help="dotted path of the node holding large_embeddings (or TwHIN's embeddings), small_embeddings and "
+        "stratifiers, or of an embeddings node itself (e.g. model, model.large_embeddings, model.embeddings); "
+        "default: the file's root, else `model`",
     )
     p.add_argument("--name", default=None, help="preset (option) name; default: the file's stem")
     p.add_argument("--out", default="conf", help="config directory to write the groups into (default: ./conf)")
@@ -100,13 +103,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_only:
         rendered = render_presets(conversion, name, source=shown)
         sys.stdout.write("\n".join(f"# ==> {rel} <==\n{body}" for rel, body in rendered.items()))
+        _note_skipped(conversion)
         return 0
     written = write_presets(conversion, args.out, name, overwrite=args.overwrite, source=shown)
     for path in written:
         print(f"wrote {path}")
     groups = ", ".join(f"{p.parent.name}={name}" for p in written)
     print(f"select with: {groups}")
+    _note_skipped(conversion)
     return 0
+
+
+def _note_skipped(conversion: TmlConversion) -> None:
+    """Name what sat beside the sections and was left alone (TwHIN's relations, ...)."""
+    if conversion.skipped:
+        print(f"{PROG}: note: not embedding config, not converted: {', '.join(conversion.skipped)}", file=sys.stderr)
 
 
 def _warn_broken_rules(conversion: TmlConversion) -> None:

@@ -52,6 +52,10 @@ class TableSpec:
     oov_policy: OovPolicy
     oov_buckets: int
     path: str
+    weight_init_min: Optional[float] = None  # None: torchrec's -sqrt(1/rows)
+    weight_init_max: Optional[float] = None  # None: torchrec's sqrt(1/rows)
+    num_embeddings_post_pruning: Optional[int] = None
+    need_pos: bool = False
 
 
 @dataclass(frozen=True)
@@ -288,6 +292,10 @@ def embeddings_spec(collection: LargeEmbeddingsConfig, prefix: str) -> Embedding
                 oov_policy=table.oov_policy,
                 oov_buckets=table.oov_buckets,
                 path=f"{prefix}.tables.{key}",
+                weight_init_min=table.weight_init_min,
+                weight_init_max=table.weight_init_max,
+                num_embeddings_post_pruning=table.num_embeddings_post_pruning,
+                need_pos=table.need_pos,
             )
         )
     names = {s.key: s.name for s in specs}

@@ -38,6 +38,7 @@ class DataType(Enum):
 
     fp32 = "fp32"  # 4 bytes per element
     fp16 = "fp16"  # 2 bytes per element; fused kernels accumulate in fp32
+    bf16 = "bf16"  # 2 bytes per element; CUDA only (FBGEMM's CPU kernels have no bf16 forward)
 
 
 class PoolingMode(Enum):
@@ -223,6 +224,11 @@ class EmbeddingBagConfig:
     pooling: PoolingMode = PoolingMode.sum
     optimizer: TableOptimizerConfig = field(default_factory=TableOptimizerConfig)  # default: the collection's
     feature_names: List[str] = field(default_factory=list)  # empty: [name]
+    # (torchrec's EmbeddingBagConfig fields, carried both ways by recap_embed.interop)
+    weight_init_min: Optional[float] = None  # low end of the uniform initial weights; null: -sqrt(1/rows)
+    weight_init_max: Optional[float] = None  # high end of the uniform initial weights; null: sqrt(1/rows)
+    num_embeddings_post_pruning: Optional[int] = None  # rows left after pruning, for inference; null: none
+    need_pos: bool = False  # position-weighted table (a torchrec feature processor's flag)
 
 
 @dataclass

@@ -1,9 +1,21 @@
-"""Migration from tml (the-algorithm-ml heavy ranker) embedding configs to Hydra presets.
+"""Migration from tml (the-algorithm-ml) embedding configs to Hydra presets, and back.
 
-tml validates its YAML with pydantic models that forbid extra keys and enforce one-of groups
-(``optimizers/config.py``, ``projects/home/recap/embedding/config.py``). The same rules are
-applied here while converting, so a typo fails with the dotted path of the offending key
-instead of surfacing later as a silently ignored field. `to_tml` is the inverse, so a
+tml has two embedding-config formats, told apart here by their content:
+
+- the **recap** format (``projects/home/recap/embedding/config.py``, the heavy ranker's
+  ``model.large_embeddings``): one collection ``optimizer`` (``init_learning_rate`` and a
+  ``learning_rate`` schedule; FBGEMM exact SGD implied) and tables with ``name``,
+  ``num_embeddings``, ``embedding_dim``, ``pretrained``, ``vocab``;
+- the **common** format (``common/modules/embedding/config.py``, TwHIN's ``model.embeddings``): no
+  collection optimizer; every table has its own ``optimizer`` (tml's ``OptimizerConfig``: one of
+  ``sgd``/``adam``/``adagrad`` and a ``learning_rate``) and a ``data_type``. TwHIN's model
+  (``projects/twhin/models/config.py``) adds that all tables share one dim and data type, and
+  that every relation's ``lhs``/``rhs`` names a table.
+
+tml validates its YAML with pydantic models that forbid extra keys and enforce one-of groups.
+The same rules, per format, are applied while converting, so a typo fails with the dotted path
+of the offending key instead of surfacing later as a silently ignored field. `to_tml` is the
+inverse (in the recap format when it can express the config, else the common one), so a
 conversion can be checked by a round trip.
 
 tml expands ``$VAR``/``${VAR}`` from the environment when it loads a file; string values that
@@ -30,7 +42,6 @@ from recap_embed.files import atomic_write_text
 from .errors import ConfigError
 from .schema import (
     EMBEDDINGS_KEY,
-    DataType,
     EmbeddingBagConfig,
     EmbeddingOptimizerConfig,
     INHERITED_OPTIMIZER_FIELDS,
@@ -50,9 +61,22 @@ from .store import OPTIMIZERS, SCHEDULES
 SMALL_KEY = "small_embeddings"
 STRATIFIERS_KEY = "stratifiers"
 
+#: The two formats `to_tml` writes and `from_tml` reads (see the module docstring).
+RECAP_FORMAT = "recap"
+COMMON_FORMAT = "common"
+#: Where each format's tables sit in a tml model.
+_MODEL_KEYS = {RECAP_FORMAT: "large_embeddings", COMMON_FORMAT: "embeddings"}
+_SOURCES = {
+    RECAP_FORMAT: "tml's recap format (projects/home/recap/embedding/config.py)",
+    COMMON_FORMAT: "tml's common format (common/modules/embedding/config.py)",
+}
+
 # Allowed keys of each tml model, in tml's declaration order (shown in error messages).
-_LARGE_KEYS = ("tables", "optimizer", "tables_to_log")
-_TABLE_KEYS = ("name", "num_embeddings", "embedding_dim", "data_type", "pretrained", "vocab", "optimizer")
+_LARGE_KEYS = ("tables", "optimizer", "tables_to_log")  # recap format
+_TABLE_KEYS = ("name", "num_embeddings", "embedding_dim", "pretrained", "vocab")  # recap format
+_COMMON_LARGE_KEYS = ("tables", "tables_to_log")
+_COMMON_TABLE_KEYS = ("name", "num_embeddings", "embedding_dim", "pretrained", "vocab", "optimizer", "data_type")
+_TML_DATA_TYPES = ("fp32", "fp16")  # tml's DataType
 _SNAPSHOT_KEYS = ("emb_name", "embedding_snapshot_uri")
 _COLLECTION_OPTIMIZER_KEYS = ("learning_rate", "init_learning_rate")
 _OPTIMIZER_KEYS = ("learning_rate", "adam", "sgd", "adagrad")
@@ -101,26 +125,45 @@ class TmlConversion:
     small_embeddings: Optional[Dict[str, Any]] = None
     stratifiers: Optional[Dict[str, Any]] = None
     origin: Dict[str, str] = field(default_factory=dict)
+    #: Which tml format the embeddings came in (`RECAP_FORMAT` or `COMMON_FORMAT`; None: none).
+    format: Optional[str] = None
+    #: Dotted paths of the set keys beside the sections that are not embedding config (TwHIN's
+    #: `relations`, `translation_optimizer`, ...): not converted, listed so nothing goes unnoticed.
+    skipped: List[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- tml -> ours
 
 
 def from_tml(node: Mapping[str, Any], path: str = "") -> TmlConversion:
-    """Convert the tml node holding `large_embeddings`/`small_embeddings`/`stratifiers`.
+    """Convert a tml model node: its `large_embeddings` (recap format) or `embeddings` (common
+    format, TwHIN's), `small_embeddings` and `stratifiers`.
 
-    `node` may also be a LargeEmbeddingsConfig itself (it has `tables` and `optimizer`, or a
-    list of tables with `num_embeddings`), or a SmallEmbeddingsConfig (tables with `index`).
-    `path` is where `node` sits in its file, so errors name the full dotted path.
+    `node` may also be a LargeEmbeddingsConfig of either format itself (it has `tables`, and an
+    `optimizer` or a list of tables with `num_embeddings`), or a SmallEmbeddingsConfig (tables
+    with `index`). `path` is where `node` sits in its file, so errors name the full dotted path.
     """
     node = _mapping(node, path)
     if _looks_like_small(node):
         return TmlConversion(small_embeddings=_small(node, path), origin={SMALL_KEY: path or "<root>"})
     if _looks_like_large(node):
-        return TmlConversion(embeddings=_large(node, path), origin={EMBEDDINGS_KEY: path or "<root>"})
+        fmt, emb = _large_any(node, path)
+        return TmlConversion(embeddings=emb, origin={EMBEDDINGS_KEY: path or "<root>"}, format=fmt)
     conversion = TmlConversion()
+    present = [k for k in _MODEL_KEYS.values() if node.get(k) is not None]
+    if len(present) > 1:
+        raise TmlConversionError(
+            path,
+            f"has both {' and '.join(present)}; a tml model has one embeddings section (large_embeddings in the "
+            "recap format, embeddings in the common format): point the key at the one to convert",
+        )
+    for tml_key in present:
+        where = _join(path, tml_key)
+        conversion.format, conversion.embeddings = _large_any(_mapping(node[tml_key], where), where)
+        conversion.origin[EMBEDDINGS_KEY] = where
+        if tml_key == _MODEL_KEYS[COMMON_FORMAT] and _is_twhin_model(node):
+            _check_twhin(node, path)
     for tml_key, ours, convert in (
-        ("large_embeddings", EMBEDDINGS_KEY, _large),
         ("small_embeddings", SMALL_KEY, _small),
         ("stratifiers", STRATIFIERS_KEY, _stratifiers),
     ):
@@ -131,9 +174,12 @@ def from_tml(node: Mapping[str, Any], path: str = "") -> TmlConversion:
     if not conversion.origin:
         raise TmlConversionError(
             path,
-            "nothing to convert: no non-null large_embeddings, small_embeddings or stratifiers here "
-            f"(keys: {', '.join(map(str, node)) or 'none'}); point the key at the node that holds them",
+            "nothing to convert: no non-null large_embeddings (recap format), embeddings (common format), "
+            f"small_embeddings or stratifiers here (keys: {', '.join(map(str, node)) or 'none'}); point the key "
+            "at the node that holds them",
         )
+    converted = set(_MODEL_KEYS.values()) | {SMALL_KEY, STRATIFIERS_KEY}
+    conversion.skipped = [_join(path, k) for k, v in node.items() if k not in converted and v is not None]
     return conversion
 
 
@@ -159,7 +205,33 @@ def _is_table_list(tables: Any) -> bool:
     )
 
 
+def tml_format(node: Mapping[str, Any], path: str = "") -> str:
+    """Which of tml's formats a LargeEmbeddingsConfig node is in, from its content: a collection
+    `optimizer` is the recap format; tables that carry `optimizer` or `data_type` are the common
+    format; neither is refused, saying what each format needs."""
+    if node.get("optimizer") is not None:
+        return RECAP_FORMAT
+    tables = node.get("tables")
+    if isinstance(tables, (list, ListConfig)) and any(
+        isinstance(t, (Mapping, DictConfig)) and (t.get("optimizer") is not None or t.get("data_type") is not None)
+        for t in tables
+    ):
+        return COMMON_FORMAT
+    raise TmlConversionError(
+        _join(path, "optimizer"),
+        "is missing, and no table has an optimizer or data_type: in the recap format (projects/home/recap/embedding) "
+        "the collection needs `optimizer` (init_learning_rate, learning_rate); in the common format "
+        "(common/modules/embedding, TwHIN's) every table needs `optimizer` and `data_type`",
+    )
+
+
+def _large_any(node: Mapping[str, Any], path: str) -> Tuple[str, Dict[str, Any]]:
+    fmt = tml_format(node, path)
+    return fmt, (_large(node, path) if fmt == RECAP_FORMAT else _large_common(node, path))
+
+
 def _large(value: Any, path: str) -> Dict[str, Any]:
+    """The recap format: one collection optimizer (FBGEMM exact SGD), tables without their own."""
     node = _fields(value, path, _LARGE_KEYS, required=("tables", "optimizer"))
     tables = _named_list(node["tables"], _join(path, "tables"), _large_table, "table")
     out: Dict[str, Any] = {}
@@ -176,23 +248,98 @@ def _large(value: Any, path: str) -> Dict[str, Any]:
     return out
 
 
+def _large_common(value: Any, path: str) -> Dict[str, Any]:
+    """The common format: each table its own optimizer and data type, no collection optimizer.
+
+    The tables' optimizers become full table overrides; the collection keeps the `sgd` option
+    (it only applies to tables added to the preset later).
+    """
+    node = _fields(value, path, _COMMON_LARGE_KEYS, required=("tables",))
+    tables = _named_list(node["tables"], _join(path, "tables"), _common_table, "table")
+    out: Dict[str, Any] = {}
+    dims = {t["embedding_dim"] for t in tables.values()}
+    if len(dims) == 1:
+        out["embedding_dim"] = dims.pop()
+    out["optimizer"] = {"algorithm": "sgd"}
+    out["tables"] = tables
+    if "tables_to_log" in node:
+        out["tables_to_log"] = _table_refs(node["tables_to_log"], _join(path, "tables_to_log"), tables)
+    _check_fits(LargeEmbeddingsConfig, out, path)
+    return out
+
+
+def _is_twhin_model(node: Mapping[str, Any]) -> bool:
+    """TwHIN's TwhinModelConfig: `embeddings` beside `relations` and `translation_optimizer`."""
+    return "relations" in node or "translation_optimizer" in node
+
+
+def _check_twhin(model: Mapping[str, Any], path: str) -> None:
+    """TwHIN's own rules (projects/twhin/models/config.py): one dim and one data type for every
+    table (TwhinEmbeddingsConfig), and relations naming tables (TwhinModelConfig)."""
+    tables_path = _join(_join(path, "embeddings"), "tables")
+    tables = _list(model["embeddings"]["tables"], tables_path)
+    first = tables[0]
+    for i, table in enumerate(tables[1:], start=1):
+        for key, what in (("embedding_dim", "embedding_dim"), ("data_type", "data type")):
+            if table.get(key) != first.get(key):
+                raise TmlConversionError(
+                    _join(_index(tables_path, i), key),
+                    f"is {table.get(key)!r} but {_index(tables_path, 0)} has {first.get(key)!r}; TwHIN "
+                    f"(projects/twhin/models/config.py) requires every table to have the same {what}",
+                )
+    names = [str(t["name"]) for t in tables]
+    relations_path = _join(path, "relations")
+    for i, relation in enumerate(_list(model.get("relations") or [], relations_path)):
+        rpath = _index(relations_path, i)
+        relation = _mapping(relation, rpath)
+        for side in ("lhs", "rhs"):
+            if side not in relation:
+                raise TmlConversionError(_join(rpath, side), "is missing (TwHIN requires it)")
+            if str(relation[side]) not in names:
+                raise TmlConversionError(
+                    _join(rpath, side),
+                    f"{relation[side]!r} is not a table; TwHIN requires each relation's {side} to name one of: {', '.join(names)}",
+                )
+
+
+def _common_table(value: Any, path: str) -> Tuple[str, Dict[str, Any]]:
+    node = _fields(value, path, _COMMON_TABLE_KEYS, required=("name", "num_embeddings", "embedding_dim", "optimizer", "data_type"))
+    name, out = _table_basics(node, path)
+    data_type = node["data_type"]
+    if data_type not in _TML_DATA_TYPES:
+        raise TmlConversionError(_join(path, "data_type"), f"{data_type!r} is not allowed; allowed: {', '.join(_TML_DATA_TYPES)}")
+    out["data_type"] = str(data_type)
+    out["optimizer"] = _table_optimizer(node["optimizer"], _join(path, "optimizer"))
+    return name, out
+
+
 def _large_table(value: Any, path: str) -> Tuple[str, Dict[str, Any]]:
-    node = _fields(value, path, _TABLE_KEYS, required=("name", "num_embeddings", "embedding_dim"))
+    node = _mapping(value, path)
+    for key in ("optimizer", "data_type"):
+        if key in node:
+            raise TmlConversionError(
+                _join(path, key),
+                f"unknown key in {_SOURCES[RECAP_FORMAT]}, whose collection optimizer serves every table; allowed here: "
+                f"{', '.join(_TABLE_KEYS)} (a table's own optimizer and data_type belong to {_SOURCES[COMMON_FORMAT]}, "
+                "which has no collection optimizer)",
+            )
+    node = _fields(node, path, _TABLE_KEYS, required=("name", "num_embeddings", "embedding_dim"))
+    return _table_basics(node, path)
+
+
+def _table_basics(node: Mapping[str, Any], path: str) -> Tuple[str, Dict[str, Any]]:
+    """The fields both formats' tables share: name, rows, dim, pretrained, vocab."""
     name = _name(node["name"], _join(path, "name"))
     out: Dict[str, Any] = {
         "num_embeddings": _int(node["num_embeddings"], _join(path, "num_embeddings"), minimum=1),
         "embedding_dim": _int(node["embedding_dim"], _join(path, "embedding_dim"), minimum=1),
     }
-    if "data_type" in node:
-        out["data_type"] = _enum_name(node["data_type"], _join(path, "data_type"), DataType)
     if "pretrained" in node:
         sub = _join(path, "pretrained")
         snap = _fields(node["pretrained"], sub, _SNAPSHOT_KEYS, required=_SNAPSHOT_KEYS)
         out["pretrained"] = {k: _env(_str(snap[k], _join(sub, k))) for k in _SNAPSHOT_KEYS}
     if "vocab" in node:
         out["vocab"] = _env(_str(node["vocab"], _join(path, "vocab")))
-    if "optimizer" in node:
-        out["optimizer"] = _table_optimizer(node["optimizer"], _join(path, "optimizer"))
     return name, out
 
 
@@ -445,13 +592,6 @@ def _int(value: Any, path: str, minimum: Optional[int] = None) -> int:
     return result
 
 
-def _enum_name(value: Any, path: str, enum: Type[Any]) -> str:
-    names = [m.name for m in enum]
-    if not isinstance(value, str) or value not in names:
-        raise TmlConversionError(path, f"{value!r} is not allowed; allowed: {', '.join(names)}")
-    return value
-
-
 def _env(value: str) -> str:
     """tml's `$VAR`/`${VAR}` (string.Template, expanded at load) as `${oc.env:VAR}`."""
 
@@ -486,6 +626,8 @@ def render_presets(conversion: TmlConversion, name: str, source: Optional[str] =
         origin = conversion.origin.get(group)
         where = f"{source or 'a tml config'}" + (f" (key {origin})" if origin and origin != "<root>" else "")
         header = f"# Converted by recap-embed-from-tml from {where}.\n"
+        if group == EMBEDDINGS_KEY and conversion.format is not None:
+            header += f"# Source format: {_SOURCES[conversion.format]}.\n"
         defaults, body = build(copy.deepcopy(values))
         text = header + _dump({"defaults": defaults})
         if body:
@@ -608,15 +750,20 @@ def _dump(data: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- ours -> tml
 
 
-def to_tml(cfg: Any) -> Dict[str, Any]:
+def to_tml(cfg: Any, format: Optional[str] = None) -> Dict[str, Any]:
     """Our config (a composed app config, its sections, or a TmlConversion) as tml's dicts.
 
-    Returns `{large_embeddings: ..., small_embeddings: ..., stratifiers: [...]}` with the
-    present sections, interpolations resolved and tml's optional fields written out
-    (data_type, momentum, betas, eps), so two conversions compare equal when they mean the
-    same. Values tml cannot express (our additions, algorithms FBGEMM has but tml had not)
-    raise TmlConversionError naming our config path.
+    `format` is `RECAP_FORMAT` (`{large_embeddings: {tables, optimizer, tables_to_log}}`) or
+    `COMMON_FORMAT` (`{embeddings: {tables, tables_to_log}}`, every table with its own optimizer
+    and data type); None picks the recap format when it can express the config (fp32 tables, no
+    table optimizers, an SGD collection) and the common format otherwise. `small_embeddings` and
+    `stratifiers` are added when present (tml has them in the recap format only). Interpolations
+    are resolved and tml's optional fields written out (momentum, betas, eps), so two conversions
+    compare equal when they mean the same. Values tml cannot express (our additions, algorithms
+    FBGEMM has but tml had not) raise TmlConversionError naming our config path.
     """
+    if format not in (None, RECAP_FORMAT, COMMON_FORMAT):
+        raise ValueError(f"format {format!r} is not one of tml's; allowed: {RECAP_FORMAT}, {COMMON_FORMAT} (None: pick)")
     if isinstance(cfg, TmlConversion):
         sections = {EMBEDDINGS_KEY: cfg.embeddings, SMALL_KEY: cfg.small_embeddings, STRATIFIERS_KEY: cfg.stratifiers}
     elif isinstance(cfg, (Mapping, DictConfig)):
@@ -626,7 +773,11 @@ def to_tml(cfg: Any) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     if sections[EMBEDDINGS_KEY] is not None:
         emb = _plain(LargeEmbeddingsConfig, sections[EMBEDDINGS_KEY], EMBEDDINGS_KEY)
-        out["large_embeddings"] = _large_to_tml(emb, EMBEDDINGS_KEY)
+        fmt = format or (RECAP_FORMAT if _recap_can_express(emb) else COMMON_FORMAT)
+        if fmt == RECAP_FORMAT:
+            out[_MODEL_KEYS[RECAP_FORMAT]] = _large_to_tml(emb, EMBEDDINGS_KEY)
+        else:
+            out[_MODEL_KEYS[COMMON_FORMAT]] = _common_to_tml(emb, EMBEDDINGS_KEY)
     if sections[SMALL_KEY] is not None:
         small = _plain(SmallEmbeddingsConfig, sections[SMALL_KEY], SMALL_KEY)
         out["small_embeddings"] = {
@@ -641,6 +792,22 @@ def to_tml(cfg: Any) -> Dict[str, Any]:
             {"name": t["name"] or key, "index": t["index"], "value": t["value"]} for key, t in strata["strata"].items()
         ]
     return out
+
+
+def _recap_can_express(emb: Dict[str, Any]) -> bool:
+    """fp32 tables without optimizer overrides under an SGD collection: tml's recap format."""
+    if emb["optimizer"]["algorithm"] != "sgd":
+        return False
+    return all(t["data_type"] == "fp32" and not _has_override(t.get("optimizer")) for t in emb["tables"].values())
+
+
+def _has_override(t: Optional[Mapping[str, Any]]) -> bool:
+    t = t or {}
+    return any(v is not None for k, v in t.items() if k != "learning_rate") or _chosen_schedule(t.get("learning_rate"))
+
+
+def _chosen_schedule(schedule: Optional[Mapping[str, Any]]) -> bool:
+    return any(v is not None for v in (schedule or {}).values())
 
 
 def _plain(schema: Type[Any], node: Any, path: str) -> Dict[str, Any]:
@@ -682,36 +849,24 @@ def _first_line(e: Exception) -> str:
 
 
 def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """tml's recap format: one SGD collection optimizer, fp32 tables without their own."""
     coll = emb["optimizer"]
     if coll["algorithm"] != "sgd":
         raise TmlConversionError(
             f"{path}.optimizer.algorithm",
-            f"is {coll['algorithm']}; tml's collection optimizer is SGD only (set per-table optimizers instead)",
+            f"is {coll['algorithm']}; tml's recap format has an SGD collection optimizer only (the common format "
+            "gives each table its own)",
         )
     if emb["is_weighted"]:
         raise TmlConversionError(f"{path}.is_weighted", "is true; tml has no weighted inputs")
     tables = []
     for key, raw in emb["tables"].items():
         tpath = f"{path}.tables.{key}"
-        t = dict(raw)
-        if not isinstance(t.get("embedding_dim"), int):  # null, or an older schema's interpolation
-            t["embedding_dim"] = emb["embedding_dim"]
-        name = t["name"] or key
-        _refuse_additions(t, name, tpath)
-        item: Dict[str, Any] = {
-            "name": name,
-            "num_embeddings": t["num_embeddings"],
-            "embedding_dim": t["embedding_dim"],
-            "data_type": t["data_type"],
-        }
-        snap = t["pretrained"] or {}
-        if snap.get("embedding_snapshot_uri") is not None:
-            item["pretrained"] = {"emb_name": snap["emb_name"] or name, "embedding_snapshot_uri": snap["embedding_snapshot_uri"]}
-        if t["vocab"] is not None:
-            item["vocab"] = t["vocab"]
-        optimizer = _table_optimizer_to_tml(t["optimizer"] or {}, coll, f"{tpath}.optimizer")
-        if optimizer is not None:
-            item["optimizer"] = optimizer
+        item, t = _table_to_tml(raw, key, emb, tpath)
+        if t["data_type"] != "fp32":
+            raise TmlConversionError(f"{tpath}.data_type", f"is {t['data_type']}; tml's recap format has fp32 tables only (the common format has data_type)")
+        if _has_override(t["optimizer"]):
+            raise TmlConversionError(f"{tpath}.optimizer", "is set; tml's recap format has no per-table optimizer (the common format has)")
         tables.append(item)
     collection: Dict[str, Any] = {"init_learning_rate": float(coll["init_learning_rate"])}
     schedule = _schedule_to_tml(coll["learning_rate"], f"{path}.optimizer.learning_rate")
@@ -723,6 +878,41 @@ def _large_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
     return out
 
 
+def _common_to_tml(emb: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """tml's common format: each table with its data type and its effective optimizer."""
+    if emb["is_weighted"]:
+        raise TmlConversionError(f"{path}.is_weighted", "is true; tml has no weighted inputs")
+    tables = []
+    for key, raw in emb["tables"].items():
+        tpath = f"{path}.tables.{key}"
+        item, t = _table_to_tml(raw, key, emb, tpath)
+        if t["data_type"] not in _TML_DATA_TYPES:
+            raise TmlConversionError(f"{tpath}.data_type", f"is {t['data_type']}; tml's data types are {', '.join(_TML_DATA_TYPES)}")
+        item["data_type"] = t["data_type"]
+        item["optimizer"] = _effective_optimizer_to_tml(t["optimizer"] or {}, emb["optimizer"], path, tpath)
+        tables.append(item)
+    out: Dict[str, Any] = {"tables": tables}
+    if emb["tables_to_log"]:
+        out["tables_to_log"] = list(emb["tables_to_log"])
+    return out
+
+
+def _table_to_tml(raw: Mapping[str, Any], key: str, emb: Dict[str, Any], tpath: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The fields both formats' tables share, and the table's resolved values."""
+    t = dict(raw)
+    if not isinstance(t.get("embedding_dim"), int):  # null, or an older schema's interpolation
+        t["embedding_dim"] = emb["embedding_dim"]
+    name = t["name"] or key
+    _refuse_additions(t, name, tpath)
+    item: Dict[str, Any] = {"name": name, "num_embeddings": t["num_embeddings"], "embedding_dim": t["embedding_dim"]}
+    snap = t["pretrained"] or {}
+    if snap.get("embedding_snapshot_uri") is not None:
+        item["pretrained"] = {"emb_name": snap["emb_name"] or name, "embedding_snapshot_uri": snap["embedding_snapshot_uri"]}
+    if t["vocab"] is not None:
+        item["vocab"] = t["vocab"]
+    return item, t
+
+
 def _refuse_additions(t: Dict[str, Any], name: str, path: str) -> None:
     """Our additions to tml's table have no tml field: only their neutral values convert."""
     checks = (
@@ -732,27 +922,33 @@ def _refuse_additions(t: Dict[str, Any], name: str, path: str) -> None:
         ("pooling", t["pooling"] == PoolingMode.sum.name, t["pooling"]),
         ("feature_names", list(t["feature_names"]) in ([], [name]), t["feature_names"]),
         ("pretrained.allow_partial_rows", not (t["pretrained"] or {}).get("allow_partial_rows"), True),
+        ("weight_init_min", t.get("weight_init_min") is None, t.get("weight_init_min")),
+        ("weight_init_max", t.get("weight_init_max") is None, t.get("weight_init_max")),
+        ("num_embeddings_post_pruning", t.get("num_embeddings_post_pruning") is None, t.get("num_embeddings_post_pruning")),
+        ("need_pos", not t.get("need_pos"), t.get("need_pos")),
     )
     for key, ok, value in checks:
         if not ok:
             raise TmlConversionError(f"{path}.{key}", f"is {value!r}; tml has no equivalent")
 
 
-def _table_optimizer_to_tml(t: Dict[str, Any], coll: Dict[str, Any], path: str) -> Optional[Dict[str, Any]]:
-    """A table override as tml's OptimizerConfig, inherited values filled from the collection."""
-    schedule = _schedule_to_tml(t.get("learning_rate") or {}, f"{path}.learning_rate")
-    scalars = ("algorithm", "init_learning_rate", "eps", "beta1", "beta2", "weight_decay")
-    if schedule is None and all(t.get(k) is None for k in scalars):
-        return None
+def _effective_optimizer_to_tml(t: Dict[str, Any], coll: Dict[str, Any], emb_path: str, path: str) -> Dict[str, Any]:
+    """A table's effective optimizer (its override over the collection's) as tml's OptimizerConfig.
+
+    Errors name where the value comes from: the table's override, or the collection's.
+    """
 
     def pick(key: str) -> Any:
         return t[key] if t.get(key) is not None else coll[key]
 
+    def where(key: str) -> str:
+        return f"{path}.optimizer.{key}" if t.get(key) is not None else f"{emb_path}.optimizer.{key}"
+
     algorithm, lr = pick("algorithm"), float(pick("init_learning_rate"))
     if algorithm not in _ALGORITHMS:
-        raise TmlConversionError(f"{path}.algorithm", f"is {algorithm}; tml has only {', '.join(_ALGORITHMS)}")
+        raise TmlConversionError(where("algorithm"), f"is {algorithm}; tml has only {', '.join(_ALGORITHMS)}")
     if algorithm != "sgd" and pick("weight_decay") != 0:
-        raise TmlConversionError(f"{path}.weight_decay", f"is {pick('weight_decay')!r}; tml's optimizers have no weight decay")
+        raise TmlConversionError(where("weight_decay"), f"is {pick('weight_decay')!r}; tml's optimizers have no weight decay")
     if algorithm == "sgd":
         body: Dict[str, Any] = {"lr": lr, "momentum": 0.0}
     elif algorithm == "adam":
@@ -760,6 +956,9 @@ def _table_optimizer_to_tml(t: Dict[str, Any], coll: Dict[str, Any], path: str) 
     else:
         body = {"lr": lr, "eps": float(pick("eps"))}
     out: Dict[str, Any] = {algorithm: body}
+    # A table's own schedule replaces the collection's as a whole (effective_optimizer).
+    own = _chosen_schedule(t.get("learning_rate"))
+    schedule = _schedule_to_tml(t["learning_rate"] if own else coll["learning_rate"], where("learning_rate"))
     if schedule is not None:
         out["learning_rate"] = schedule
     return out

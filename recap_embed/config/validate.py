@@ -9,6 +9,7 @@ the bad value and what is allowed, and all problems are reported at once.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from enum import Enum
@@ -35,6 +36,8 @@ from .schema import (
     CPU_SHARDING_TYPES,
     EMBEDDINGS_KEY,
     SCHEDULE_NAMES,
+    DataType,
+    EmbeddingBagConfig,
     EmbeddingOptimizerConfig,
     LargeEmbeddingsConfig,
     LearningRate,
@@ -118,6 +121,7 @@ def check_device(parsed: ParsedConfig, device_type: str) -> None:
     if parsed.embeddings is not None:
         _check_optimizer_device(parsed.embeddings.optimizer, f"{parsed.embeddings.path}.optimizer", device_type, problems)
         for spec in parsed.embeddings.tables:
+            _check_data_type_device(spec.data_type, f"{spec.path}.data_type", device_type, problems)
             if spec.optimizer.algorithm != parsed.embeddings.optimizer.algorithm:
                 _check_optimizer_device(spec.optimizer, f"{spec.path}.optimizer", device_type, problems)
     if parsed.sharding is not None:
@@ -233,6 +237,7 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
         names[name].append(key)
         for feature in table.feature_names or [name]:
             features[feature].append(key)
+        _check_torchrec_fields(table, path, device_type, problems)
         if table.num_embeddings is None:
             if not table.vocab:
                 problems.append((f"{path}.num_embeddings", "is not set, which derives the rows from `vocab`, but the table has no vocab; set num_embeddings (a positive integer) or vocab"))
@@ -268,12 +273,63 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
     for name, keys in names.items():
         if len(keys) > 1:
             problems.append((f"{prefix}.tables", f"table name {name!r} is used by {len(keys)} tables ({', '.join(keys)}); table names must be unique"))
-    for feature, keys in features.items():
-        if len(keys) > 1:
-            problems.append((f"{prefix}.tables", f"feature {feature!r} is read by {len(keys)} tables ({', '.join(keys)}); each feature feeds one table"))
+    _check_shared_features(emb, prefix, features, problems)
     for i, logged in enumerate(emb.tables_to_log):
         if logged not in emb.tables and logged not in names:
             problems.append((f"{prefix}.tables_to_log[{i}]", f"{logged!r} is not a table; allowed: {', '.join(sorted(emb.tables)) or 'none (no tables)'}"))
+
+
+def _check_torchrec_fields(table: EmbeddingBagConfig, path: str, device_type: str, problems: Problems) -> None:
+    """Data type for the device, the initial weight range and the pruned rows (torchrec's fields)."""
+    _check_data_type_device(table.data_type, f"{path}.data_type", device_type, problems)
+    rows = table.num_embeddings if isinstance(table.num_embeddings, int) and table.num_embeddings > 0 else None
+    bounds = {"weight_init_min": table.weight_init_min, "weight_init_max": table.weight_init_max}
+    finite = True
+    for field_name, value in bounds.items():
+        if value is not None and not math.isfinite(value):
+            problems.append((f"{path}.{field_name}", f"{value!r} is not allowed; use a finite number (null: torchrec's default, +-sqrt(1/rows))"))
+            finite = False
+    low, high = table.weight_init_min, table.weight_init_max
+    if rows is not None:  # torchrec's defaults for an unset end
+        low = -math.sqrt(1 / rows) if low is None else low
+        high = math.sqrt(1 / rows) if high is None else high
+    if finite and low is not None and high is not None and low > high:
+        culprit = "weight_init_min" if table.weight_init_min is not None else "weight_init_max"
+        problems.append((f"{path}.{culprit}", f"{bounds[culprit]!r} makes the initial range [{low:g}, {high:g}] empty; allowed: weight_init_min <= weight_init_max (an unset end is torchrec's +-sqrt(1/rows))"))
+    pruned = table.num_embeddings_post_pruning
+    if pruned is not None and _positive_int(pruned, f"{path}.num_embeddings_post_pruning", "num_embeddings_post_pruning", problems):
+        if rows is not None and pruned > rows:
+            problems.append((f"{path}.num_embeddings_post_pruning", f"{pruned} is more than the table's {rows} rows; allowed: 1..{rows} (null: no pruning)"))
+
+
+def _check_data_type_device(data_type: DataType, path: str, device_type: str, problems: Problems) -> None:
+    """The one rule for the data types a device can store."""
+    if device_type == "cpu" and data_type == DataType.bf16:
+        problems.append((path, "bf16 needs CUDA (FBGEMM's CPU kernels have no bf16 lookup); allowed on CPU: fp32, fp16"))
+
+
+def _check_shared_features(emb: LargeEmbeddingsConfig, prefix: str, features: Dict[str, List[str]], problems: Problems) -> None:
+    """A feature may feed several tables (torchrec names their outputs `feature@table`), but
+    not one table twice, and all its tables must map raw ids to rows the same way: a batch
+    carries one set of ids per feature, mapped once."""
+    for feature, keys in features.items():
+        for key in sorted(set(keys)):
+            if keys.count(key) > 1:
+                problems.append((f"{prefix}.tables.{key}.feature_names", f"lists {feature!r} {keys.count(key)} times; list each feature once per table"))
+        readers = list(dict.fromkeys(keys))
+        if len(readers) < 2:
+            continue
+        first = emb.tables[readers[0]]
+        for key in readers[1:]:
+            table = emb.tables[key]
+            if (table.vocab, table.oov_policy, table.oov_buckets) != (first.vocab, first.oov_policy, first.oov_buckets):
+                problems.append((
+                    f"{prefix}.tables.{key}.vocab",
+                    f"feature {feature!r} is also read by table {readers[0]!r}, with vocab {first.vocab!r} "
+                    f"(oov_policy {first.oov_policy.name}, oov_buckets {first.oov_buckets}), but here vocab {table.vocab!r} "
+                    f"(oov_policy {table.oov_policy.name}, oov_buckets {table.oov_buckets}); tables sharing a feature must map "
+                    f"its ids the same way (one vocab, oov_policy and oov_buckets), or read features of their own",
+                ))
 
 
 def _check_optimizer(opt: EmbeddingOptimizerConfig, path: str, device_type: str, problems: Problems, schedule: bool = True) -> None:

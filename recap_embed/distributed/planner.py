@@ -131,7 +131,7 @@ STORAGE_MARGIN = 0.15
 # --------------------------------------------------------------------------- memory of a table
 
 #: Bytes of one weight element per data type.
-_ELEMENT_BYTES = {DataType.fp32: 4, DataType.fp16: 2}
+_ELEMENT_BYTES = {DataType.fp32: 4, DataType.fp16: 2, DataType.bf16: 2}
 #: Optimizer state floats (fp32) per element and per row, per algorithm.
 _STATE_PER_ELEMENT = {
     OptimizerAlgorithm.sgd: 0,
@@ -145,7 +145,7 @@ _STATE_PER_ROW = {OptimizerAlgorithm.rowwise_adagrad: 1, OptimizerAlgorithm.part
 
 
 def element_bytes(data_type: Union[DataType, str]) -> int:
-    """Bytes of one weight element: fp32 4, fp16 2."""
+    """Bytes of one weight element: fp32 4, fp16 and bf16 2."""
     dt = data_type if isinstance(data_type, DataType) else DataType[str(data_type)]
     return _ELEMENT_BYTES[dt]
 

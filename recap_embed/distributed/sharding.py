@@ -44,6 +44,7 @@ from recap_embed.config import (
     CPU_SHARDING_TYPES,
     ComputeKernel,
     ConfigValidationError,
+    DataType,
     OptimizerAlgorithm,
     ParsedConfig,
     ShardingType,
@@ -145,8 +146,29 @@ def _check(values: Any, prefix: str, modules: List[Tuple[str, Any]], device_type
     for key in values.tables:
         if key not in keys:
             problems.append((f"{prefix}.tables.{key}", f"constrains {key!r}, which is not a table; tables: {keys}"))
+    problems.extend(_training_flags([s for _, le in modules for s in le.specs]))
     if problems:
         raise ConfigValidationError(problems)
+
+
+def _training_flags(specs: List[Any]) -> List[Tuple[str, str]]:
+    """torchrec table fields a config may carry (recap_embed.interop) that training here cannot honour."""
+    problems = []
+    for s in specs:
+        pruned = s.num_embeddings_post_pruning
+        if pruned is not None and pruned != s.num_embeddings:
+            problems.append((f"{s.path}.num_embeddings_post_pruning", (
+                f"is {pruned}, not the table's {s.num_embeddings} rows: torchrec's sharders would allocate {pruned} "
+                f"rows (the field describes a table after pruning, for inference); set it to null to train"
+            )))
+        if s.need_pos:
+            problems.append((f"{s.path}.need_pos", (
+                "is true, which marks a table fed by a position-weighted feature processor (torchrec's "
+                "FeatureProcessedEmbeddingBagCollection); LargeEmbeddings has none, so it would do nothing, except "
+                "under row-wise sharding of weighted inputs, where torchrec replaces the per-id weights by positions; "
+                "set it to false to train"
+            )))
+    return problems
 
 
 def _check_plan(plan: Any, prefix: str, device_type: str) -> None:

@@ -582,7 +582,7 @@ class VocabMapper:
         """Loads the vocab of every table in `tables_cfg` (the embeddings config's ``tables``)
         that sets one; a table feeds its ``feature_names``, or ``[name or key]`` when empty."""
         vocabs: Dict[str, Vocab] = {}
-        owner: Dict[str, str] = {}
+        owner: Dict[str, Tuple[str, Any]] = {}  # feature -> (table key, how its ids map to rows)
         for key, table in tables_cfg.items():
             key = str(key)
             path = f"{config_prefix}.{key}" if config_prefix else key
@@ -598,21 +598,27 @@ class VocabMapper:
                 raise VocabError(
                     f"{path}.num_embeddings: missing; set it (a positive integer) or null to derive it from the vocab"
                 )
+            oov_policy = _field(table, "oov_policy", OovPolicy.error)
+            oov_buckets = _field(table, "oov_buckets", 0) or 0
+            mapping = (str(vocab_dir), getattr(oov_policy, "name", oov_policy), oov_buckets)
             vocab = Vocab.load(
                 vocab_dir,
                 table=name,
                 num_embeddings=num_embeddings,
-                oov_policy=_field(table, "oov_policy", OovPolicy.error),
-                oov_buckets=_field(table, "oov_buckets", 0) or 0,
+                oov_policy=oov_policy,
+                oov_buckets=oov_buckets,
                 config_path=f"{path}.vocab",
             )
             for f in features:
-                if f in owner:
+                # A feature several tables read is mapped once: they must agree on how.
+                if f in owner and owner[f][1] != mapping:
                     raise VocabError(
-                        f"{config_prefix}: feature {f!r} is read by tables {owner[f]!r} and {key!r}; each feature feeds one table"
+                        f"{path}.vocab: feature {f!r} is also read by table {owner[f][0]!r}, whose ids map to rows "
+                        f"differently (vocab, oov_policy, oov_buckets: {owner[f][1]} vs {mapping}); tables sharing a "
+                        f"feature must share its vocab"
                     )
-                owner[f] = key
-                vocabs[f] = vocab
+                owner.setdefault(f, (key, mapping))
+                vocabs.setdefault(f, vocab)
         return cls(vocabs)
 
     @property

@@ -29,6 +29,7 @@ from torchrec import EmbeddingBagCollection, KeyedJaggedTensor, KeyedTensor
 from torchrec import EmbeddingBagConfig as TorchrecTableConfig
 from torchrec.modules.embedding_configs import DataType as TorchrecDataType
 from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
 from recap_embed.config import (
     ConfigError,
@@ -42,12 +43,12 @@ from recap_embed.config import (
 )
 from recap_embed.config.resolve import to_container
 
-__all__ = ["LargeEmbeddings", "DATA_TYPES", "POOLING_TYPES"]
+__all__ = ["LargeEmbeddings", "DATA_TYPES", "POOLING_TYPES", "resolve_rows", "torchrec_config"]
 
 logger = logging.getLogger(__name__)
 
 #: Config data types to torchrec's (the fused kernels store weights in this type).
-DATA_TYPES = {DataType.fp32: TorchrecDataType.FP32, DataType.fp16: TorchrecDataType.FP16}
+DATA_TYPES = {DataType.fp32: TorchrecDataType.FP32, DataType.fp16: TorchrecDataType.FP16, DataType.bf16: TorchrecDataType.BF16}
 #: Config pooling modes to torchrec's.
 POOLING_TYPES = {PoolingMode.sum: PoolingType.SUM, PoolingMode.mean: PoolingType.MEAN}
 
@@ -129,12 +130,15 @@ class LargeEmbeddings(nn.Module):
         self.config_path = config_path
         with _no_init_on_meta():
             self.ebc = EmbeddingBagCollection(
-                tables=[_torchrec_config(s) for s in self.specs],
+                tables=[torchrec_config(s) for s in self.specs],
                 is_weighted=self.is_weighted,
                 device=META,
             )
         self.cut = nn.Identity()
         self._feature_set = frozenset(self.feature_names)
+        # Output keys per table, as torchrec names them (kept: a sharded EBC no longer has the configs).
+        configs = self.ebc.embedding_bag_configs()
+        self._output_keys: Dict[str, List[str]] = {c.name: n for c, n in zip(configs, get_embedding_names_by_table(configs))}
         # Rows seen by forward since the last `table_stats` call, for the tables being tracked.
         self._touched: Dict[str, Optional[torch.Tensor]] = {name: None for name in self.tables_to_log}
 
@@ -170,49 +174,28 @@ class LargeEmbeddings(nn.Module):
         return cls(**values, **kwargs)
 
     def _resolve_rows(self, spec: TableSpec, override: Mapping[str, int]) -> TableSpec:
-        """The spec with `num_embeddings` set: from the config, the override, or the vocab."""
-        given = override.get(spec.key, override.get(spec.name))
-        if spec.num_embeddings is not None:
-            if given is not None and int(given) != spec.num_embeddings:
-                raise ConfigError(
-                    f"{spec.path}.num_embeddings: is {spec.num_embeddings} but num_embeddings_override "
-                    f"gives {given}; overrides are for tables whose num_embeddings is null"
-                )
-            return spec
-        if given is not None:
-            if int(given) <= 0:
-                raise ConfigError(f"{spec.path}.num_embeddings: override {given!r} is not a positive integer")
-            return replace(spec, num_embeddings=int(given))
-        if importlib.util.find_spec("recap_embed.io.vocab") is None:
-            raise ConfigError(
-                f"{spec.path}.num_embeddings: is null (rows derived from vocab {spec.vocab!r}), but "
-                f"recap_embed.io.vocab is not available; set num_embeddings or pass "
-                f"num_embeddings_override={{{spec.key!r}: rows}}"
-            )
-        from recap_embed.io.vocab import Vocab
-
-        vocab = Vocab.load(
-            spec.vocab,
-            table=spec.name,
-            num_embeddings=None,
-            oov_policy=spec.oov_policy,
-            oov_buckets=spec.oov_buckets,
-            config_path=spec.path,
-        )
-        self.vocabs[spec.name] = vocab
-        logger.info("%s: %d rows from vocab %s", spec.path, vocab.required_rows, spec.vocab)
-        return replace(spec, num_embeddings=int(vocab.required_rows))
+        return resolve_rows(spec, override, self.vocabs)
 
     # ------------------------------------------------------------------ use
 
     @property
     def feature_names(self) -> List[str]:
-        """Keys the input KeyedJaggedTensor must carry, in table order."""
-        return [f for s in self.specs for f in s.feature_names]
+        """Keys the input KeyedJaggedTensor must carry, in table order (a shared feature once)."""
+        return list(dict.fromkeys(f for s in self.specs for f in s.feature_names))
 
     @property
     def table_names(self) -> List[str]:
         return [s.name for s in self.specs]
+
+    @property
+    def embedding_names(self) -> List[str]:
+        """Keys of the output KeyedTensor, in order: one per (table, feature), the feature's
+        name, or ``feature@table`` for a feature several tables read (torchrec's naming)."""
+        return [n for names in self._output_keys.values() for n in names]
+
+    def output_keys(self, table: str) -> List[str]:
+        """The output keys of one table (name or key), in the order of its features."""
+        return list(self._output_keys[self.spec(table).name])
 
     def spec(self, table: str) -> TableSpec:
         """The spec of a table, by name or key."""
@@ -222,7 +205,8 @@ class LargeEmbeddings(nn.Module):
         raise KeyError(f"{table!r} is not a table of {self.config_path}; tables: {self.table_names}")
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Pooled embeddings keyed by feature name (one ``[batch, dim]`` block per feature).
+        """Pooled embeddings keyed by feature name (one ``[batch, dim]`` block per feature;
+        ``feature@table`` for a feature several tables read, see `embedding_names`).
 
         `features` holds ids (row numbers) per feature; with ``is_weighted`` also one weight per id
         (``features.weights()``), multiplied into the pooling. After `shard` the result may be a
@@ -303,12 +287,56 @@ def _no_init_on_meta() -> Iterator[None]:
         nn.EmbeddingBag.reset_parameters = original  # type: ignore[method-assign]
 
 
-def _torchrec_config(spec: TableSpec) -> TorchrecTableConfig:
+def resolve_rows(spec: TableSpec, override: Mapping[str, int], vocabs: Dict[str, Any]) -> TableSpec:
+    """The spec with `num_embeddings` set: from the config, the override, or the vocab (loaded
+    into `vocabs`, keyed by table name)."""
+    given = override.get(spec.key, override.get(spec.name))
+    if spec.num_embeddings is not None:
+        if given is not None and int(given) != spec.num_embeddings:
+            raise ConfigError(
+                f"{spec.path}.num_embeddings: is {spec.num_embeddings} but num_embeddings_override "
+                f"gives {given}; overrides are for tables whose num_embeddings is null"
+            )
+        return spec
+    if given is not None:
+        if int(given) <= 0:
+            raise ConfigError(f"{spec.path}.num_embeddings: override {given!r} is not a positive integer")
+        return replace(spec, num_embeddings=int(given))
+    if importlib.util.find_spec("recap_embed.io.vocab") is None:
+        raise ConfigError(
+            f"{spec.path}.num_embeddings: is null (rows derived from vocab {spec.vocab!r}), but "
+            f"recap_embed.io.vocab is not available; set num_embeddings or pass "
+            f"num_embeddings_override={{{spec.key!r}: rows}}"
+        )
+    from recap_embed.io.vocab import Vocab
+
+    vocab = Vocab.load(
+        spec.vocab,
+        table=spec.name,
+        num_embeddings=None,
+        oov_policy=spec.oov_policy,
+        oov_buckets=spec.oov_buckets,
+        config_path=spec.path,
+    )
+    vocabs[spec.name] = vocab
+    logger.info("%s: %d rows from vocab %s", spec.path, vocab.required_rows, spec.vocab)
+    return replace(spec, num_embeddings=int(vocab.required_rows))
+
+
+def torchrec_config(spec: TableSpec) -> TorchrecTableConfig:
+    """The torchrec table config of a complete spec (rows resolved): every field torchrec has
+    an equivalent for, so the sharded kernels see the same initial range, pruning and flags."""
+    if spec.num_embeddings is None:
+        raise ConfigError(f"{spec.path}.num_embeddings: is null; resolve the rows (vocab or override) first")
     return TorchrecTableConfig(
-        num_embeddings=int(spec.num_embeddings),  # type: ignore[arg-type]
+        num_embeddings=int(spec.num_embeddings),
         embedding_dim=spec.embedding_dim,
         name=spec.name,
         feature_names=list(spec.feature_names),
         data_type=DATA_TYPES[spec.data_type],
         pooling=POOLING_TYPES[spec.pooling],
+        weight_init_min=spec.weight_init_min,
+        weight_init_max=spec.weight_init_max,
+        num_embeddings_post_pruning=spec.num_embeddings_post_pruning,
+        need_pos=spec.need_pos,
     )

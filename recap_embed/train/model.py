@@ -23,9 +23,12 @@ class RecapModel(nn.Module):
         self.large = large
         self.small = small
         dims = {s.name: s.embedding_dim for s in large.specs}
-        features = {f: s.embedding_dim for s in large.specs for f in s.feature_names}
+        # One pooled block per (table, feature): a feature two tables read gives two blocks.
+        pooled_width = sum(s.embedding_dim * len(s.feature_names) for s in large.specs)
         self.interaction = bool(interaction) and "user" in dims and "item" in dims and dims["user"] == dims["item"]
-        width = sum(features.values()) + small.output_dim + (dims.get("user", 0) if self.interaction else 0)
+        # The product of the user and item tables' first features' embeddings.
+        self.interaction_keys = (large.output_keys("user")[0], large.output_keys("item")[0]) if self.interaction else None
+        width = pooled_width + small.output_dim + (dims.get("user", 0) if self.interaction else 0)
         layers: List[nn.Module] = []
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
@@ -36,7 +39,8 @@ class RecapModel(nn.Module):
     def forward(self, sparse: KeyedJaggedTensor, discrete: torch.Tensor) -> torch.Tensor:
         pooled = self.large(sparse)
         parts = [pooled.values(), self.small(discrete)]
-        if self.interaction:
-            by_feature = pooled.to_dict()
-            parts.append(by_feature["user"] * by_feature["item"])
+        if self.interaction_keys is not None:
+            by_key = pooled.to_dict()
+            user, item = self.interaction_keys
+            parts.append(by_key[user] * by_key[item])
         return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
