@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recap_embed.config import ConfigValidationError, validate
 from recap_embed.config.schema import EmbeddingBagConfig, LargeEmbeddingsConfig, OovPolicy
 from recap_embed.io import vocab as vocab_module
 from recap_embed.io.vocab import Vocab, VocabError, VocabMapper, hash_ids, save_vocab
@@ -341,36 +342,32 @@ def test_mapper_keeps_variable_batch_sizes():
 def test_mapper_from_config(tmp_path):
     save_vocab(tmp_path / "users", [11, 12, 13], [0, 1, 2])
     save_vocab(tmp_path / "items", [-1, -2], [0, 5])
-    cfg = OmegaConf.structured(LargeEmbeddingsConfig)
-    # Tables as a composed YAML gives them: open mappings, enums as member names.
-    cfg.tables = {
+    cfg = OmegaConf.merge(OmegaConf.structured(LargeEmbeddingsConfig), {"tables": {
         "user": {"num_embeddings": None, "vocab": str(tmp_path / "users"), "oov_policy": "hash",
                  "oov_buckets": 2, "feature_names": ["viewer", "author"]},
         "item": {"name": "items", "num_embeddings": 10, "vocab": str(tmp_path / "items"),
                  "oov_policy": "default_row"},
         "raw": {"num_embeddings": 100},  # no vocab: ids are rows already
-    }
-    mapper = VocabMapper.from_config(cfg.tables)
-    assert sorted(mapper.vocabs) == ["author", "items", "viewer"]
-    assert mapper.vocabs["viewer"] is mapper.vocabs["author"]
-    assert mapper.vocabs["viewer"].oov_policy is OovPolicy.hash
-    assert {k: v.num_embeddings for k, v in mapper.tables.items()} == {"user": 5, "items": 10}
+    }})
+    for given in (cfg, validate(cfg, device="meta"), validate(cfg, device="meta").embeddings):  # config or parsed
+        mapper = VocabMapper.from_config(given)
+        assert sorted(mapper.vocabs) == ["author", "items", "viewer"]
+        assert mapper.vocabs["viewer"] is mapper.vocabs["author"]
+        assert mapper.vocabs["viewer"].oov_policy is OovPolicy.hash
+        assert {k: v.num_embeddings for k, v in mapper.tables.items()} == {"user": 5, "items": 10}
     kjt = KeyedJaggedTensor(keys=["viewer", "items", "raw"], values=torch.tensor([13, -2, -3, 42]),
                             lengths=torch.tensor([1, 2, 1]))
     assert mapper(kjt).values().tolist() == [2, 5, 6, 42]
     assert mapper.oov_rates() == {"user": 0.0, "items": 0.5}
 
-    typed = {"user": EmbeddingBagConfig(vocab=str(tmp_path / "users"), oov_policy=OovPolicy.default_row)}
+    typed = LargeEmbeddingsConfig(tables={"user": EmbeddingBagConfig(vocab=str(tmp_path / "users"), oov_policy=OovPolicy.default_row)})
     assert VocabMapper.from_config(typed).vocabs["user"].num_embeddings == 4
 
-    plain = {"user": {"vocab": str(tmp_path / "missing"), "num_embeddings": None}}
+    plain = {"tables": {"user": {"vocab": str(tmp_path / "missing"), "num_embeddings": None}}}
     with pytest.raises(VocabError, match=r"embeddings\.tables\.user\.vocab.*does not exist"):
         VocabMapper.from_config(plain)
-    unset = OmegaConf.create({"user": {"vocab": str(tmp_path / "users"), "num_embeddings": "???"}})
-    with pytest.raises(VocabError, match=r"embeddings\.tables\.user\.num_embeddings: missing"):
-        VocabMapper.from_config(unset)
-    bad = {"user": {"vocab": str(tmp_path / "users"), "oov_policy": "drop"}}
-    with pytest.raises(VocabError, match=r"embeddings\.tables\.user\.vocab.*oov_policy='drop'"):
+    bad = {"tables": {"user": {"vocab": str(tmp_path / "users"), "oov_policy": "drop"}}}
+    with pytest.raises(ConfigValidationError, match=r"embeddings\.tables\.user\.oov_policy: 'drop' is not allowed"):
         VocabMapper.from_config(bad)
 
 
@@ -380,10 +377,12 @@ def test_mapper_maps_a_shared_feature_once(tmp_path):
     save_vocab(tmp_path / "other", [11, 12], [1, 0])
     same = {"user": {"num_embeddings": None, "vocab": str(tmp_path / "users"), "feature_names": ["u"]},
             "user2": {"num_embeddings": 8, "vocab": str(tmp_path / "users"), "feature_names": ["u", "v"]}}
-    mapper = VocabMapper.from_config(same)
+    mapper = VocabMapper.from_config({"tables": same})
     assert sorted(mapper.vocabs) == ["u", "v"] and mapper.vocabs["u"].table == "user"
     kjt = KeyedJaggedTensor(keys=["u", "v"], values=torch.tensor([13, 11]), lengths=torch.tensor([1, 1]))
     assert mapper(kjt).values().tolist() == [2, 0]
     differ = {**same, "user2": {**same["user2"], "vocab": str(tmp_path / "other")}}
-    with pytest.raises(VocabError, match=r"embeddings\.tables\.user2\.vocab: feature 'u' is also read by table 'user'"):
-        VocabMapper.from_config(differ)
+    with pytest.raises(ConfigValidationError, match=r"feature 'u'"):
+        VocabMapper.from_config({"tables": differ})
+
+

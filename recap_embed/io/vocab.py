@@ -550,21 +550,6 @@ def save_vocab(
 # --------------------------------------------------------------------------- KJT mapping
 
 
-def _field(table: Any, name: str, default: Any = None) -> Any:
-    """A field of a table config given as DictConfig, dataclass or dict; '???' when missing."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(table, DictConfig):
-        if OmegaConf.is_missing(table, name):  # checked first: `in` and `get` see ??? as absent
-            return "???"
-        return table.get(name, default)
-    if is_dataclass(table):
-        return getattr(table, name, default)
-    if isinstance(table, Mapping):
-        return table.get(name, default)
-    raise VocabError(f"table config must be a DictConfig, dict or EmbeddingBagConfig, got {type(table).__name__}")
-
-
 class VocabMapper:
     """Replaces the raw ids of the features that have a vocab with rows, in a KeyedJaggedTensor.
 
@@ -578,47 +563,33 @@ class VocabMapper:
         self.vocabs: Dict[str, Vocab] = dict(vocabs)
 
     @classmethod
-    def from_config(cls, tables_cfg: Mapping[str, Any], config_prefix: str = "embeddings.tables") -> "VocabMapper":
-        """Loads the vocab of every table in `tables_cfg` (the embeddings config's ``tables``)
-        that sets one; a table feeds its ``feature_names``, or ``[name or key]`` when empty."""
+    def from_config(cls, embeddings: Any) -> "VocabMapper":
+        """Loads the vocab of every table that sets one; a table feeds its ``feature_names``.
+
+        `embeddings` is the parsed config (``validate(cfg)`` or its ``.embeddings``), used as it is,
+        or an embeddings section (DictConfig, dataclass or dict), checked by `validate` first (which
+        also makes tables sharing a feature share its vocab).
+        """
+        from recap_embed.config import EmbeddingsSpec, ParsedConfig, validate
+
+        if isinstance(embeddings, ParsedConfig):
+            embeddings = embeddings.embeddings
+        if not isinstance(embeddings, EmbeddingsSpec):
+            embeddings = validate(embeddings, section="embeddings", device="meta").embeddings
         vocabs: Dict[str, Vocab] = {}
-        owner: Dict[str, Tuple[str, Any]] = {}  # feature -> (table key, how its ids map to rows)
-        for key, table in tables_cfg.items():
-            key = str(key)
-            path = f"{config_prefix}.{key}" if config_prefix else key
-            if table is None:  # a null table is the config validator's to report
+        for spec in embeddings.tables:
+            if spec.vocab is None:
                 continue
-            vocab_dir = _field(table, "vocab")
-            if vocab_dir is None or vocab_dir == "???":
-                continue
-            name = _field(table, "name") or key
-            features = [str(f) for f in (_field(table, "feature_names") or [])] or [name]
-            num_embeddings = _field(table, "num_embeddings")
-            if num_embeddings == "???":
-                raise VocabError(
-                    f"{path}.num_embeddings: missing; set it (a positive integer) or null to derive it from the vocab"
-                )
-            oov_policy = _field(table, "oov_policy", OovPolicy.error)
-            oov_buckets = _field(table, "oov_buckets", 0) or 0
-            mapping = (str(vocab_dir), getattr(oov_policy, "name", oov_policy), oov_buckets)
             vocab = Vocab.load(
-                vocab_dir,
-                table=name,
-                num_embeddings=num_embeddings,
-                oov_policy=oov_policy,
-                oov_buckets=oov_buckets,
-                config_path=f"{path}.vocab",
+                spec.vocab,
+                table=spec.name,
+                num_embeddings=spec.num_embeddings,
+                oov_policy=spec.oov_policy,
+                oov_buckets=spec.oov_buckets,
+                config_path=f"{spec.path}.vocab",
             )
-            for f in features:
-                # A feature several tables read is mapped once: they must agree on how.
-                if f in owner and owner[f][1] != mapping:
-                    raise VocabError(
-                        f"{path}.vocab: feature {f!r} is also read by table {owner[f][0]!r}, whose ids map to rows "
-                        f"differently (vocab, oov_policy, oov_buckets: {owner[f][1]} vs {mapping}); tables sharing a "
-                        f"feature must share its vocab"
-                    )
-                owner.setdefault(f, (key, mapping))
-                vocabs.setdefault(f, vocab)
+            for f in spec.feature_names:
+                vocabs.setdefault(f, vocab)  # tables sharing a feature share its vocab (a validate rule)
         return cls(vocabs)
 
     @property

@@ -330,12 +330,12 @@ def plan_report(cfg: Any) -> PlanReport:
     if "embeddings" not in root or root.embeddings is None:
         raise ConfigError("embeddings: missing; select a collection (embeddings=twhin) or add tables")
     sharding_node = root.sharding if "sharding" in root else None
-    validate(root if sharding_node is not None else {"embeddings": root.embeddings}, device=device_type)
-    prefix, values = sharding_values(sharding_node)
+    parsed = validate(root if sharding_node is not None else {"embeddings": root.embeddings}, device=device_type)
+    prefix, values = sharding_values(parsed if sharding_node is not None else None)
     _warn_overridden(values, prefix, topo)
     values = replace(values, device=device_type, batch_size=topo.batch_size, hbm_cap_gb=topo.hbm_cap_gb, ddr_cap_gb=topo.ddr_cap_gb)
 
-    model = LargeEmbeddings.from_config(root.embeddings)
+    model = LargeEmbeddings.from_config(parsed)
     specs = model.specs
     explicit = explicit_placements(values, prefix, specs, world_size=world_size, device_type=device_type, local_size=local_size)
     apply_fused_optimizers(model)  # the planner counts each table's optimizer state, as in `shard`
