@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from recap_embed.config import validate
 from recap_embed.distributed import shard
-from recap_embed.instantiate import instantiate
+from recap_embed.instantiate import build
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
 
@@ -39,8 +40,9 @@ def random_batch(cfg: DictConfig, generator: torch.Generator) -> KeyedJaggedTens
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
-    model = DotRanker(instantiate(cfg.embeddings), cfg.model.bias)  # tables on meta: no memory yet
-    model = shard(model, cfg.sharding)  # placed, fused optimizers attached
+    parsed = validate(cfg)  # every rule checked once; the builders take the parsed config
+    model = DotRanker(build(cfg.embeddings, parsed), cfg.model.bias)  # tables on meta: no memory yet
+    model = shard(model, parsed)  # placed, fused optimizers attached
     optimizer = combined_optimizer(model, lambda params: torch.optim.Adam(params, lr=1e-2))
     scheduler = EmbeddingLRScheduler(model, optimizer)
     generator = torch.Generator().manual_seed(0)
@@ -53,7 +55,7 @@ def main(cfg: DictConfig) -> float:
         optimizer.step()
         scheduler.step()
     print(f"trained {cfg.steps} steps; last loss {loss.item():.4f}; lr {scheduler.get_last_lr()}")
-    return float(loss)
+    return float(loss.detach())
 
 
 if __name__ == "__main__":
