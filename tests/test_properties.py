@@ -206,7 +206,8 @@ def mutations(draw: st.DrawFn, presets: Dict[str, Any], name: str) -> Tuple[List
     choices["boundaries_out_of_order"] = ([group, f"{p}=[{bounds[0]},{bounds[1]}]"], p)
     tp = f"{t}.optimizer.learning_rate.piecewise_constant"
     choices["table_boundaries_out_of_order"] = (
-        [f"{tp}={{learning_rate_boundaries:[{bounds[0]},{bounds[1]}],learning_rate_values:[0.1,0.1,0.1]}}"], f"{tp}.learning_rate_boundaries",
+        [f"+embeddings/lr@{t}.optimizer.learning_rate=piecewise_constant", f"{tp}.learning_rate_boundaries=[{bounds[0]},{bounds[1]}]"],
+        f"{tp}.learning_rate_boundaries",
     )
     for section, collection in (("small_embeddings", "tables"), ("stratifiers", "strata")):
         if section in presets:
