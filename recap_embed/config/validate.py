@@ -9,6 +9,7 @@ the bad value and what is allowed, and all problems are reported at once.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -25,6 +26,7 @@ from .schema import (
     EmbeddingOptimizerConfig,
     LargeEmbeddingsConfig,
     LearningRate,
+    OptimizerAlgorithm,
     OovPolicy,
     ShardingConfig,
     ShardingType,
@@ -169,13 +171,15 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
 
 
 def _check_optimizer(opt: EmbeddingOptimizerConfig, path: str, device_type: str, problems: Problems, schedule: bool = True) -> None:
-    if opt.init_learning_rate < 0:
-        problems.append((f"{path}.init_learning_rate", f"{opt.init_learning_rate!r} is not allowed; use a learning rate >= 0"))
+    if not _finite(opt.init_learning_rate) or opt.init_learning_rate < 0:
+        problems.append((f"{path}.init_learning_rate", f"{opt.init_learning_rate!r} is not allowed; use a finite learning rate >= 0"))
     for hp in ("eps", "weight_decay"):
-        if getattr(opt, hp) < 0:
-            problems.append((f"{path}.{hp}", f"{getattr(opt, hp)!r} is not allowed; use a value >= 0"))
+        if not _finite(getattr(opt, hp)) or getattr(opt, hp) < 0:
+            problems.append((f"{path}.{hp}", f"{getattr(opt, hp)!r} is not allowed; use a finite value >= 0"))
+    if opt.algorithm == OptimizerAlgorithm.sgd and _finite(opt.weight_decay) and opt.weight_decay > 0:
+        problems.append((f"{path}.weight_decay", f"{opt.weight_decay!r} has no effect with sgd (FBGEMM's fused SGD has no weight decay); set 0, or use adagrad or rowwise_adagrad"))
     for hp in ("beta1", "beta2"):
-        if not 0 <= getattr(opt, hp) < 1:
+        if not _finite(getattr(opt, hp)) or not 0 <= getattr(opt, hp) < 1:
             problems.append((f"{path}.{hp}", f"{getattr(opt, hp)!r} is not allowed; use a value in [0, 1)"))
     if device_type == "cpu" and opt.algorithm not in CPU_ALGORITHMS:
         allowed = ", ".join(sorted(a.name for a in CPU_ALGORITHMS))
@@ -214,8 +218,16 @@ def _check_schedule(lr: LearningRate, path: str, problems: Problems) -> None:
 
 
 def _check_rate(value: float, path: str, problems: Problems) -> None:
-    if value < 0:
-        problems.append((path, f"{value!r} is not allowed; use a learning rate >= 0"))
+    if not _finite(value) or value < 0:
+        problems.append((path, f"{value!r} is not allowed; use a finite learning rate >= 0"))
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is neither inf nor nan (a non-number is reported by the type checks)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
 
 
 def _check_indices(items: Mapping[str, Any], prefix: str, width: Optional[int], what: str, problems: Problems) -> None:

@@ -112,6 +112,7 @@ def shard(
         local_world_size=local_size, pg=pg, explicit=explicit,
     )
     _check_plan(plan, prefix, dev.type)
+    _check_weight_decay(plan, modules, dev.type)
     _warn_rowwise_state_on_column_shards(plan, modules)
     model = DistributedModelParallel(
         module,
@@ -171,6 +172,18 @@ def _check_plan(plan: Any, prefix: str, device_type: str) -> None:
            for path, module_plan in plan.plan.items() for name, ps in module_plan.items() if ps.sharding_type not in cpu]
     if bad:
         raise ConfigValidationError(bad)
+
+
+def _check_weight_decay(plan: Any, modules: List[Tuple[str, Any]], device_type: str) -> None:
+    """Fused tables whose weight decay the kernel would ignore are refused (every rank has the same
+    plan, so every rank raises alike)."""
+    from recap_embed.optim.weight_decay import check_fused_weight_decay
+
+    fused = []
+    for path, le in modules:
+        module_plan = plan.plan.get((f"{path}." if path else "") + "ebc", {})
+        fused += [s for s in le.specs if s.name in module_plan and module_plan[s.name].compute_kernel != ComputeKernel.dense.value]
+    check_fused_weight_decay(fused, device_type)
 
 
 _ROWWISE_STATE = (OptimizerAlgorithm.rowwise_adagrad, OptimizerAlgorithm.partial_rowwise_adam)

@@ -33,6 +33,8 @@ from torchrec.modules.embedding_configs import PoolingType
 from recap_embed.config import ConfigError, DataType, LargeEmbeddingsConfig, PoolingMode, TableSpec, table_specs, validate
 from recap_embed.config.resolve import to_container
 
+from .names import check_module_names
+
 __all__ = ["LargeEmbeddings", "DATA_TYPES", "POOLING_TYPES"]
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class LargeEmbeddings(nn.Module):
         # and `shard` checks what that device can run (e.g. adam needs CUDA).
         validate(values, device="meta", path=config_path)
         specs = table_specs(values, prefix=config_path)
+        check_module_names((s.path, s.name) for s in specs)
         self.vocabs: Dict[str, Any] = {}
         self.specs: List[TableSpec] = [self._resolve_rows(s, num_embeddings_override or {}) for s in specs]
         self.is_weighted = bool(is_weighted)

@@ -30,6 +30,7 @@ from torchmetrics.classification import BinaryPrecisionRecallCurve
 
 from recap_embed.config import StratifiersConfig
 from recap_embed.config.resolve import config_prefix, to_container
+from recap_embed.errors import UserError
 from recap_embed.modules.small import checked_validate
 
 __all__ = ["StratifiedMetric", "StratifiedMetrics", "Stratifier", "Stratifiers", "StratifierError", "metric_name"]
@@ -39,8 +40,8 @@ SECTION = "stratifiers"
 MetricLike = Union[Metric, Callable[[], Metric]]
 
 
-class StratifierError(IndexError):
-    """Discrete features too narrow for a stratifier's column."""
+class StratifierError(IndexError, UserError):
+    """Discrete features too narrow for a stratifier's column (a data error)."""
 
 
 @dataclass(frozen=True)
