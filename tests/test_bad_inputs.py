@@ -242,6 +242,13 @@ def assets(tmp_path_factory) -> Dict[str, Path]:
     out["a_file"] = root / "a_file"
     Snapshot.take(str(root / "pickled"), app_state={"model": StateDict(user=("not", "a", "tensor"))})
     out["pickled"] = root / "pickled"
+    out.update(escaping_snapshots(root, root / "snap", "0/model/user"))
+    nan = torch.full((USER_ROWS, DIM), float("nan"))
+    Snapshot.take(str(root / "nan_table"), app_state={"model": StateDict(user=nan)})
+    one_inf = torch.randn(USER_ROWS, DIM)
+    one_inf[17, 3] = float("inf")
+    Snapshot.take(str(root / "inf_row"), app_state={"model": StateDict(user=one_inf)})
+    out["nan_table"], out["inf_row"] = root / "nan_table", root / "inf_row"
 
     def vocab(name: str, columns: Dict[str, list]) -> None:
         (root / name).mkdir()
@@ -256,6 +263,46 @@ def assets(tmp_path_factory) -> Dict[str, Path]:
     (root / "garbage").mkdir()
     (root / "garbage" / "part-0.parquet").write_text("not parquet")
     out["garbage"] = root / "garbage"
+    return out
+
+
+SECRET = 7.0  # the value of every float in the file outside the snapshots
+
+
+def escaping_snapshots(root: Path, good: Path, key: str) -> Dict[str, Path]:
+    """Copies of snapshot `good` whose entry `key` (or manifest) reads a file outside the snapshot:
+    an absolute location, a location climbing out with '..', a data file that is a symlink to the
+    outside file, and a manifest that is a symlink out of the directory. The outside file has the
+    entry's exact size, so a reader that follows any of them would load it without complaint."""
+    import json
+
+    manifest = json.loads((good / ".snapshot_metadata").read_text())
+    entry = manifest["manifest"][key]
+    secret = root / f"secret-{good.name}.bin"
+    start, end = entry.get("byte_range") or [0, (good / entry["location"]).stat().st_size]
+    secret.write_bytes(bytes(start) + __import__("struct").pack(f"<{(end - start) // 4}f", *[SECRET] * ((end - start) // 4)))
+    out = {}
+
+    def variant(name: str, location: Optional[str] = None) -> Path:
+        target = root / name / good.name  # the same directory name (checkpoints are step_<N>)
+        shutil.copytree(good, target)
+        if location is not None:
+            changed = json.loads(json.dumps(manifest))
+            changed["manifest"][key]["location"] = location
+            (target / ".snapshot_metadata").write_text(json.dumps(changed))
+        out[name] = target
+        return target
+
+    variant("escape_absolute", str(secret))
+    variant("escape_dotdot", f"../../{secret.name}")
+    linked = variant("escape_symlink")
+    (linked / entry["location"]).unlink()
+    (linked / entry["location"]).symlink_to(secret)
+    outside_manifest = root / f"outside-manifest-{good.name}.json"
+    outside_manifest.write_text((good / ".snapshot_metadata").read_text())
+    meta = variant("escape_manifest_symlink")
+    (meta / ".snapshot_metadata").unlink()
+    (meta / ".snapshot_metadata").symlink_to(outside_manifest)
     return out
 
 
@@ -287,6 +334,12 @@ APP = {
     "pretrained_wrong_dim": ([f"{P}.embedding_snapshot_uri={{snap}}", f"{U}.embedding_dim=8"], False, P, [f"[{USER_ROWS}, {DIM}]", "embedding_dim 8"]),
     "pretrained_wrong_rows": ([f"{P}.embedding_snapshot_uri={{snap}}", f"{U}.num_embeddings=300"], False, P, [f"[{USER_ROWS}, {DIM}]", "300 rows", "allow_partial_rows=true"]),
     "pretrained_pickled_entry": ([f"{P}.embedding_snapshot_uri={{pickled}}"], False, P, ["pickled object", "refusing"]),
+    "pretrained_absolute_location": ([f"{P}.embedding_snapshot_uri={{escape_absolute}}"], False, f"{P}.embedding_snapshot_uri", ["'0/model/user'", "outside the snapshot directory", "secret-snap.bin"]),
+    "pretrained_dotdot_location": ([f"{P}.embedding_snapshot_uri={{escape_dotdot}}"], False, f"{P}.embedding_snapshot_uri", ["'0/model/user'", "outside the snapshot directory", "../../secret-snap.bin"]),
+    "pretrained_symlinked_file": ([f"{P}.embedding_snapshot_uri={{escape_symlink}}"], False, f"{P}.embedding_snapshot_uri", ["'0/model/user'", "outside the snapshot directory", "symlink"]),
+    "pretrained_symlinked_manifest": ([f"{P}.embedding_snapshot_uri={{escape_manifest_symlink}}"], False, f"{P}.embedding_snapshot_uri", ["'the manifest'", ".snapshot_metadata", "outside the snapshot directory"]),
+    "pretrained_all_nan": ([f"{P}.embedding_snapshot_uri={{nan_table}}"], True, P, ["nan_table'", f"{USER_ROWS * DIM} non-finite value(s)", "rows [0, 1, 2, 3, 4] ..."]),
+    "pretrained_one_inf": ([f"{P}.embedding_snapshot_uri={{inf_row}}"], True, P, ["inf_row'", "1 non-finite value(s)", "rows [17]"]),
     "vocab_missing_dir": ([f"{U}.vocab={{root}}/no_vocab"], True, U, ["no_vocab'", "does not exist", "directory of parquet files"]),
     "vocab_wrong_columns": ([f"{U}.vocab={{wrong_columns}}"], True, U, ["part-0.parquet", "no column 'id'", "['key', 'row']"]),
     "vocab_duplicates": ([f"{U}.vocab={{duplicates}}"], True, U, ["id 12", "rows [1, 2]", "each id must appear once"]),
@@ -340,6 +393,47 @@ def test_rerun_into_a_finished_run_keeps_its_checkpoint(tmp_path: Path, assets: 
     check_message(str(err.value), Case([], str(final), ["already exists", "hydra.run.dir", "train.checkpoint=false"]))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_2"] and (final / "COMPLETE").read_text() == "{}"
     assert not (tmp_path / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- CHECKPOINTS: restore
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Dict[str, Path]:
+    import torch
+    from torchsnapshot import StateDict
+
+    from recap_embed.io.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpts")
+    good = save_checkpoint(root / "good", 3, {"model": StateDict(w=torch.ones(64, 8), step=3)})
+    out = {"good": good, **escaping_snapshots(root, good, "0/model/w")}
+    bad = torch.ones(64, 8)
+    bad[5] = float("nan")
+    out["nan"] = save_checkpoint(root / "nan", 3, {"model": StateDict(w=bad, step=3)})
+    return out
+
+
+@pytest.mark.parametrize("name", ["escape_absolute", "escape_dotdot", "escape_symlink", "escape_manifest_symlink", "nan"])
+def test_restore_reads_nothing_from_outside_and_nothing_non_finite(checkpoints: Dict[str, Path], name: str) -> None:
+    import torch
+    from torchsnapshot import StateDict
+
+    from recap_embed.io.checkpoint import restore_checkpoint
+
+    dest = {"model": StateDict(w=torch.zeros(64, 8), step=-1)}
+    with pytest.raises(USER_ERRORS) as err:
+        restore_checkpoint(checkpoints[name], dest)
+    message = str(err.value)
+    assert str(checkpoints[name]) in message, message
+    if name == "nan":
+        assert "8 non-finite value(s)" in message and "rows [5]" in message, message
+    else:
+        assert "outside the snapshot directory" in message, message
+        assert not (dest["model"]["w"] == SECRET).any(), "bytes from outside the checkpoint were restored"
+        assert dest["model"]["step"] == -1 and torch.equal(dest["model"]["w"], torch.zeros(64, 8))
+    good = {"model": StateDict(w=torch.zeros(64, 8), step=-1)}
+    assert restore_checkpoint(checkpoints["good"], good) == 3 and torch.equal(good["model"]["w"], torch.ones(64, 8))
 
 
 # --------------------------------------------------------------------------- CLI: console scripts

@@ -79,6 +79,8 @@ from torchsnapshot.flatten import flatten, inflate
 from torchsnapshot.knobs import get_slab_size_threshold_bytes, is_batching_disabled
 from torchsnapshot.manifest import ChunkedTensorEntry, ObjectEntry, PrimitiveEntry, ShardedTensorEntry, TensorEntry
 
+from recap_embed.errors import UserError
+
 from .pretrained import (
     DEFAULT_CHUNK_BYTES,
     CopyPlan,
@@ -111,8 +113,8 @@ COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
-class CheckpointError(SnapshotLoadError):
-    """A checkpoint cannot be written, found or restored."""
+class CheckpointError(SnapshotLoadError, UserError):
+    """A checkpoint cannot be written, found or restored (files, space, contents: reported as one line)."""
 
 
 # --------------------------------------------------------------------------- paths
