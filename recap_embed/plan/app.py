@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 import recap_embed.config  # noqa: F401  (registers the groups)
+from recap_embed.cli import hydra_guards
 import recap_embed.plan.config  # noqa: F401  (registers the app's schema)
 
 log = logging.getLogger("recap_embed.plan")
@@ -28,6 +29,9 @@ class _DropDataParallelNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Sharding spec not found for")
+
+
+hydra_guards.install()  # bounded config files; the allowlist for what Hydra builds itself
 
 
 @hydra.main(config_path=None, config_name="recap_embed_plan", version_base=None)

@@ -23,6 +23,7 @@ from recap_embed.config import ConfigError, table_specs, validate
 from recap_embed.errors import RANK_FAILURES
 from recap_embed.files import atomic_write_text
 from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
+from recap_embed.cli.hydra_guards import app_allowed_targets
 from recap_embed.instantiate import check_targets, instantiate
 from recap_embed.io.checkpoint import PendingCheckpoint, save_checkpoint
 from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
@@ -72,7 +73,7 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> None:
     """Every check that needs neither data nor tables, before anything is generated or built:
     `_target_`s against the allowlist, the config's rules, the features tables read and the
     pretrained snapshots (manifests and file sizes)."""
-    check_targets(cfg, list(cfg.get("allowed_targets") or []))
+    check_targets(cfg, app_allowed_targets(cfg))
     validate(cfg, device=str(device), num_discrete_features=len(cfg.data.discrete_columns))
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
@@ -114,7 +115,7 @@ class Trainer:
         init_distributed(self.device.type)
         self.rank, self.world = rank_and_world()
         all_ranks(preflight, cfg, self.device, self.world)
-        self.allowed_targets = list(cfg.get("allowed_targets") or [])
+        self.allowed_targets = app_allowed_targets(cfg)
         torch.manual_seed(cfg.train.seed)
         self.examples = all_ranks(prepare_data, cfg, self.rank)
         large, small = all_ranks(self._build_modules)
