@@ -26,8 +26,8 @@ DEFAULT_ALLOWED_TARGETS: Tuple[str, ...] = (
 )
 
 
-class UntrustedTargetError(ValueError):
-    """A `_target_` outside the allowlist."""
+class UntrustedTargetError(ConfigError):
+    """A `_target_` outside the allowlist (a config error: names the config path)."""
 
 
 _UNRESOLVED = object()  # a value whose interpolation cannot be resolved here

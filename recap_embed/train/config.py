@@ -73,7 +73,10 @@ class TrainingConfig:
     max_steps: Optional[int] = None  # stop early (after this many steps)
     eval_every: int = 100  # steps between evaluations (the AUC curve in metrics.json)
     log_every: int = 250  # steps between table statistics
-    checkpoint: bool = True  # save a final torchsnapshot checkpoint
+    checkpoint: bool = True  # save torchsnapshot checkpoints (periodic and final)
+    checkpoint_every: int = 1000  # steps between checkpoints (0: the final one only)
+    keep_checkpoints: int = 2  # periodic checkpoints kept (older ones are removed)
+    resume: bool = True  # a rerun into the same run dir continues from its latest checkpoint; false: start afresh
     checkpoint_async: bool = False
     progress: bool = True  # progress bar on rank 0
     dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)

@@ -26,7 +26,10 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recap_embed.errors import DataError, InputPathError
 from recap_embed.io.vocab import hash_ids, save_vocab
+
+from .fingerprint import DATA_FINGERPRINT, check_data_fingerprint, data_fingerprint
 
 ID_COLUMNS = ("user_id", "item_id")
 LABEL = "click"
@@ -72,7 +75,9 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
     already complete it is reused (a second process waiting on the same dir sees it whole).
     """
     out_dir = Path(out_dir)
+    fingerprint = data_fingerprint(cfg, seed)
     if (out_dir / "COMPLETE").exists():
+        check_data_fingerprint(out_dir, fingerprint)  # reused only with the settings that made it
         return out_dir
     rng = np.random.default_rng(seed)
     users, items, k = cfg.num_users, cfg.num_items, cfg.num_factors
@@ -126,6 +131,7 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
         # Rows are a seeded permutation: nothing about a row index reveals the entity.
         save_vocab(tmp / "vocab" / "user", user_raw, rng.permutation(users))
         save_vocab(tmp / "vocab" / "item", item_raw, rng.permutation(items))
+        (tmp / DATA_FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
         (tmp / "COMPLETE").write_text("ok\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data is for every rank and user
         try:
@@ -133,6 +139,7 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
         except OSError:  # another process finished first: keep theirs
             if not (out_dir / "COMPLETE").exists():
                 raise
+            check_data_fingerprint(out_dir, fingerprint)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -151,12 +158,15 @@ def read_examples(path: str, discrete_columns: Sequence[str]) -> Examples:
     """Read a parquet file or directory into memory, checking the columns by name."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"data path {path} does not exist")
-    table = pq.read_table(p)
+        raise InputPathError(f"data path {path} does not exist")
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read parquet: {' '.join(str(e).split())}") from None
     need = [*ID_COLUMNS, *discrete_columns, LABEL]
     missing = [c for c in need if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the file has {table.column_names}, the app needs {need}")
+        raise DataError(f"{path}: missing column(s) {missing}; the file has {table.column_names}, the app needs {need}")
 
     def column(name: str, dtype) -> torch.Tensor:
         return torch.from_numpy(table.column(name).to_numpy().astype(dtype))  # a writable copy

@@ -5,6 +5,7 @@ Every rank runs it; files are written by rank 0 only (the checkpoint by all rank
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -25,13 +26,20 @@ from recap_embed.files import atomic_write_text
 from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
 from recap_embed.cli.hydra_guards import app_allowed_targets
 from recap_embed.instantiate import check_targets, instantiate
-from recap_embed.io.checkpoint import PendingCheckpoint, save_checkpoint
+from recap_embed.io.checkpoint import restore_checkpoint
 from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
 from recap_embed.io.vocab import Vocab, VocabMapper
 from recap_embed.modules import StratifiedMetrics, table_stats
+from recap_embed.modules.names import check_module_names
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
 from .config import DataSource
+from .fingerprint import check_warm_start_vocabs, read_checkpoint_info, vocab_fingerprint
+from .guards import check_examples, check_loss, check_output_dir, check_settings, check_weights_finite, dense_optimizer_class
+from .resume import (
+    CheckpointPolicy, RunDirLock, final_metrics, materialize_dense_state, progress_state, read_progress, resume_point, supersede,
+)
+from .stop import StepAgreement, StopRequested, StopSignals
 from .data import Batch, Examples, batches, generate_synthetic, num_batches, oracle_auroc, read_examples
 from .model import RecapModel
 
@@ -75,8 +83,9 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> None:
     pretrained snapshots (manifests and file sizes)."""
     check_targets(cfg, app_allowed_targets(cfg))
     validate(cfg, device=str(device), num_discrete_features=len(cfg.data.discrete_columns))
+    check_settings(cfg)
     if cfg.train.batch_size % world:
-        raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
     specs = table_specs(cfg.embeddings)
     for spec in specs:
         unknown = [f for f in spec.feature_names if f not in SPARSE_FEATURES]
@@ -85,6 +94,7 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> None:
                 f"{spec.path}: reads feature(s) {unknown}, which the training data does not have; the data's "
                 f"features: {', '.join(SPARSE_FEATURES)} (set feature_names, or remove the table with ~{spec.path})"
             )
+    check_module_names((s.path, s.name) for s in specs)
     check_pretrained(specs)
 
 
@@ -97,7 +107,7 @@ def prepare_data(cfg: DictConfig, rank: int) -> Dict[str, Examples]:
         train_path, eval_path = Path(data.dir) / "train.parquet", Path(data.dir) / "eval.parquet"
     else:
         if not data.train_path or not data.eval_path:
-            raise ValueError("data.source=parquet needs data.train_path and data.eval_path (parquet files or directories)")
+            raise ConfigError("data.source=parquet needs data.train_path and data.eval_path (parquet files or directories)")
         train_path, eval_path = data.train_path, data.eval_path
     columns = list(data.discrete_columns)
     return {"train": read_examples(str(train_path), columns), "eval": read_examples(str(eval_path), columns)}
@@ -116,6 +126,10 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         all_ranks(preflight, cfg, self.device, self.world)
         self.allowed_targets = app_allowed_targets(cfg)
+        # One run per run dir; a rerun continues from its latest checkpoint (or starts afresh).
+        self.lock = RunDirLock(self.output_dir)
+        all_ranks(self._claim_run_dir)
+        self.resume_from = resume_point(self.output_dir, bool(cfg.train.resume)) if cfg.train.checkpoint else None
         torch.manual_seed(cfg.train.seed)
         self.examples = all_ranks(prepare_data, cfg, self.rank)
         large, small = all_ranks(self._build_modules)
@@ -123,6 +137,7 @@ class Trainer:
         # Raw ids become rows once per split, vectorised over the whole split, so the step does not
         # pay for it (the mapper would do the same per batch; see BENCHMARKS.md, section 7).
         self.examples = {split: self._to_rows(examples) for split, examples in self.examples.items()}
+        self.vocab_fingerprints = {s.name: (vocab_fingerprint(large.vocabs[s.name]) if s.name in large.vocabs else None) for s in large.specs}
         model = RecapModel(large, small, list(cfg.model.hidden), cfg.model.interaction)
         self.model = shard(model, cfg.sharding, device=self.device)
         self.specs = large.specs
@@ -131,14 +146,58 @@ class Trainer:
         # the job stops, and the snapshot was checked (manifest, names, shapes, sizes) beforehand.
         self.pretrained = load_pretrained(self.model, self.specs, staging=False)
         dense = cfg.train.dense_optimizer
-        dense_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[dense.name]
+        dense_cls = dense_optimizer_class(dense.name)
         self.optimizer = combined_optimizer(self.model, lambda params: dense_cls(params, lr=dense.lr, weight_decay=dense.weight_decay))
         self.scheduler = EmbeddingLRScheduler(self.model, self.optimizer)
         strata = instantiate(cfg.stratifiers, allowed_targets=self.allowed_targets)
         self.metrics = StratifiedMetrics({"auroc": BinaryAUROC(), "loss": MeanMetric()}, strata).to(self.device)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
         self.step = 0
+        self.epoch = 0
+        self.running: Optional[float] = None
         self.curve: List[Dict[str, float]] = []
+        self.policy = CheckpointPolicy(
+            self.output_dir / "checkpoints", every=int(cfg.train.checkpoint_every), keep=int(cfg.train.keep_checkpoints),
+            asynchronous=bool(cfg.train.checkpoint_async), rank=self.rank, info=self._checkpoint_info,
+        )
+        self._resumed_step: Optional[int] = None
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+            self._resumed_step = self.step
+
+    def _claim_run_dir(self) -> None:
+        check_output_dir(self.output_dir)
+        if self.rank == 0:
+            self.lock.acquire()
+            if not self.cfg.train.resume:
+                supersede(self.output_dir)
+
+    def _checkpoint_info(self) -> Dict[str, Any]:
+        return {"format": "recap_embed.checkpoint", "version": 1, "vocabs": self.vocab_fingerprints, "step": self.step}
+
+    def app_state(self) -> Dict[str, Any]:
+        """What a checkpoint holds; its weights are checked finite first (nothing broken is saved)."""
+        all_ranks(check_weights_finite, self.model, self.step)  # every rank stops if one holds nan
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "progress": progress_state(self.step, self.epoch, self.running, self.curve)}
+
+    def _resume(self, path: Path) -> None:
+        """Continue from checkpoint `path` of this run dir: its vocabularies must be this run's."""
+        info = read_checkpoint_info(str(path)) or {}
+        saved = info.get("vocabs")
+        if saved is not None and saved != self.vocab_fingerprints:
+            differ = sorted(k for k in set(saved) | set(self.vocab_fingerprints) if saved.get(k) != self.vocab_fingerprints.get(k))
+            raise ConfigError(
+                f"train.resume: checkpoint {path} was trained with other vocabularies for table(s) {differ} than this run "
+                f"has (another data.dir or vocab): resuming would give its rows other ids; set train.resume=false to start "
+                f"afresh (the old checkpoints are kept aside), or use the data it was trained on"
+            )
+        materialize_dense_state(self.optimizer)
+        state = self.app_state()
+        restore_checkpoint(path, state)
+        self.step, self.epoch, self.running, self.curve = read_progress(state["progress"])
+        if self.rank == 0:
+            log.info("resuming from checkpoint %s (step %d); train.resume=false starts afresh", path, self.step)
 
     def _build_modules(self) -> tuple:
         """The embedding modules (on meta) with their vocabs, and what needs the data to check."""
@@ -153,7 +212,6 @@ class Trainer:
                     spec.vocab, table=spec.name, num_embeddings=spec.num_embeddings,
                     oov_policy=spec.oov_policy, oov_buckets=spec.oov_buckets, config_path=spec.path,
                 )
-        train = self.examples["train"]
         for spec in large.specs:
             if spec.name in large.vocabs:
                 continue
@@ -167,16 +225,15 @@ class Trainer:
                             f"{spec.num_embeddings} rows; allowed: ids in [0, {spec.num_embeddings}); set "
                             f"{spec.path}.vocab to a vocab directory (id -> row)"
                         )
-        if self.cfg.train.checkpoint:
-            per_epoch = num_batches(len(train), cfg.train.batch_size)
-            total = per_epoch * cfg.train.epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, per_epoch * cfg.train.epochs)
-            final = self.output_dir / "checkpoints" / f"step_{total}"
-            if final.exists():
-                raise FileExistsError(
-                    f"checkpoint {final} already exists (an earlier run in this directory); it is kept: set another "
-                    f"hydra.run.dir, or train.checkpoint=false"
-                )
+        check_warm_start_vocabs(large.specs, large.vocabs)
+        check_examples(self.examples, int(cfg.train.batch_size), list(small.tables), self._data_paths())
         return large, small
+
+    def _data_paths(self) -> Dict[str, str]:
+        data = self.cfg.data
+        if data.source == DataSource.synthetic:
+            return {"train": str(Path(data.dir) / "train.parquet"), "eval": str(Path(data.dir) / "eval.parquet")}
+        return {"train": str(data.train_path), "eval": str(data.eval_path)}
 
     # ------------------------------------------------------------------ pieces
 
@@ -211,66 +268,112 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def total_steps(self) -> int:
+        cfg = self.cfg.train
+        per_epoch = num_batches(len(self.examples["train"]), cfg.batch_size)
+        return per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg.train
+        total = self.total_steps()
+        if self.resume_from is not None and self.step >= total:
+            done = final_metrics(self.output_dir, self.step)
+            if done is not None:  # a rerun of a finished run: its results stand
+                if self.rank == 0:
+                    log.info("the run in %s already finished at step %d (metrics.json, %s); nothing to do "
+                             "(train.resume=false trains afresh)", self.output_dir, self.step, done["checkpoint"])
+                return done
         self.write_plan()  # `shard` has logged it
+        with StopSignals() as stop:
+            wall, step_time, stats = self._train_steps(total, stop)
+        return self._finish(wall, step_time, stats)
+
+    def _train_steps(self, total: int, stop: StopSignals) -> tuple:
+        """Steps until `total`: checks each loss, saves periodic checkpoints, stops cleanly on a signal."""
+        cfg = self.cfg.train
         train_set = self.examples["train"]
         per_epoch = num_batches(len(train_set), cfg.batch_size)
-        total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+        agreement = StepAgreement(self.device)
         bar = _progress(total, enabled=cfg.progress and self.rank == 0)
+        if bar is not None and self.step:
+            bar.update(self.step)
         start = time.perf_counter()
+        first = self.step
         step_time = 0.0
-        running = None
         stats: Dict[str, Any] = {}
-        done = False
-        for epoch in range(cfg.epochs):
-            for raw in batches(train_set, cfg.batch_size, rank=self.rank, world_size=self.world, shuffle_seed=cfg.seed * 1000 + epoch):
-                t0 = time.perf_counter()
-                batch = self._batch(raw)
-                logits = self.model(batch.sparse, batch.discrete)
-                loss = self.loss_fn(logits, batch.labels).mean()
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                step_time += time.perf_counter() - t0
-                value = float(loss.detach())
-                running = value if running is None else 0.98 * running + 0.02 * value
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{running:.4f}", ex_s=f"{self.step * cfg.batch_size / (time.perf_counter() - start):,.0f}", refresh=False)
-                if cfg.log_every and self.step % cfg.log_every == 0:
-                    stats = self._log_tables()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self._eval_point(running)
+        try:
+            for epoch in range(self.step // max(per_epoch, 1), cfg.epochs):
+                self.epoch = epoch
+                skip = self.step - epoch * per_epoch  # batches of this epoch a resumed run already trained
+                epoch_batches = batches(train_set, cfg.batch_size, rank=self.rank, world_size=self.world, shuffle_seed=cfg.seed * 1000 + epoch)
+                for raw in itertools.islice(epoch_batches, max(skip, 0), None):
+                    if self.step >= total:
+                        break
+                    t0 = time.perf_counter()
+                    batch = self._batch(raw)
+                    logits = self.model(batch.sparse, batch.discrete)
+                    loss = self.loss_fn(logits, batch.labels).mean()
+                    self.optimizer.zero_grad()
+                    loss.backward()
+                    value, signum = agreement.step(loss, stop.signum)
+                    check_loss(value, self.step + 1, self._rates())  # before the update is kept anywhere
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.step += 1
+                    step_time += time.perf_counter() - t0
+                    self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{self.running:.4f}", ex_s=f"{(self.step - first) * cfg.batch_size / (time.perf_counter() - start):,.0f}", refresh=False)
+                    if cfg.log_every and self.step % cfg.log_every == 0:
+                        stats = self._log_tables()
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._eval_point(self.running)
+                    if signum is not None:
+                        self._stop(signum)
+                    if cfg.checkpoint and self.policy.due(self.step) and self.step < total:
+                        self.policy.save(self.step, self.app_state())
                 if self.step >= total:
-                    done = True
                     break
-            if done:
-                break
-        if bar is not None:
-            bar.close()
-        wall = time.perf_counter() - start
+        finally:
+            if bar is not None:
+                bar.close()
+        return time.perf_counter() - start, step_time, stats
+
+    def _rates(self) -> Dict[str, float]:
+        rates = {f"embeddings.tables.{k}": v for k, v in self.scheduler.get_last_lr().items()}
+        rates["train.dense_optimizer.lr"] = float(self.cfg.train.dense_optimizer.lr)
+        return rates
+
+    def _stop(self, signum: int) -> None:
+        """Every rank got here at the same step: save, then end the job with 128 + signum."""
+        import signal as signals
+
+        name = signals.Signals(signum).name
+        if self.cfg.train.checkpoint:
+            path = self.policy.save(self.step, self.app_state())
+            raise StopRequested(f"stopped by {name} at step {self.step}: saved checkpoint {path}; run the same command "
+                                f"again to resume (train.resume=false starts afresh)", signum)
+        raise StopRequested(f"stopped by {name} at step {self.step}; train.checkpoint=false, so nothing was saved", signum)
+
+    def _finish(self, wall: float, step_time: float, stats: Dict[str, Any]) -> Dict[str, Any]:
+        """Final eval; metrics first, then the final checkpoint, then the metrics again naming it."""
+        cfg = self.cfg.train
         final = self.evaluate()
         if not self.curve or self.curve[-1]["step"] != self.step:
-            self.curve.append({"step": self.step, "train_loss": running, "eval_auroc": final["auroc"], "eval_loss": final["loss"]})
+            self.curve.append({"step": self.step, "train_loss": self.running, "eval_auroc": final["auroc"], "eval_loss": final["loss"]})
         stats = self._log_tables() or stats
-        checkpoint = None
-        if cfg.checkpoint:
-            app_state = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
-            checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, app_state, asynchronous=cfg.checkpoint_async)
-            if isinstance(checkpoint, PendingCheckpoint):  # the job ends here: complete it (collective)
-                checkpoint = checkpoint.wait()
+        trained = max(1, self.step - (self._resumed_step or 0))
         metrics = {
             "steps": self.step,
             "examples": self.step * cfg.batch_size,
             "world_size": self.world,
             "device": str(self.device),
+            "resumed_from": str(self.resume_from) if self.resume_from is not None else None,
             "train_seconds": wall,
-            "seconds_per_step": step_time / max(1, self.step),
-            "examples_per_second": self.step * cfg.batch_size / max(wall, 1e-9),
-            "final_train_loss": running,
+            "seconds_per_step": step_time / trained,
+            "examples_per_second": trained * cfg.batch_size / max(wall, 1e-9),
+            "final_train_loss": self.running,
             "eval": final,
             "eval_auroc": final["auroc"],
             "eval_loss": final["loss"],
@@ -280,13 +383,17 @@ class Trainer:
             "oov_rate": self.vocab.oov_rates(),
             "pretrained": {k: str(v) for k, v in (self.pretrained or {}).items()},
             "embedding_dims": {s.name: s.embedding_dim for s in self.specs},
-            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "checkpoint": None,
         }
         if self.rank == 0:
-            _write_json(self.output_dir / "metrics.json", metrics)
+            _write_json(self.output_dir / "metrics.json", metrics)  # a failed save below keeps these
             log.info("eval: %s", "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
             if metrics["best_possible_eval_auroc"] is not None:
                 log.info("best possible eval auroc on this synthetic log: %.4f", metrics["best_possible_eval_auroc"])
+        if cfg.checkpoint:
+            metrics["checkpoint"] = str(self.policy.save(self.step, self.app_state(), final=True))
+            if self.rank == 0:
+                _write_json(self.output_dir / "metrics.json", metrics)
         return metrics
 
     def _eval_point(self, running: Optional[float]) -> None:
