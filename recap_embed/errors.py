@@ -80,6 +80,8 @@ def report_and_exit(log: logging.Logger, code: int = 2) -> Iterator[None]:
             if rank == 0:
                 ranks = ", ".join(str(r) for r in sorted(failures))
                 log.error("stopped: rank %s failed (its error is reported by that rank)", ranks)
+        elif getattr(e, "rank0_only", False) and rank != 0:
+            pass  # the same stop on every rank: rank 0 says it
         elif should_report(e, rank):
             prefix = f"[rank {rank}] " if rank != 0 and os.environ.get("RANK") is not None else ""
             log.error("%s%s", prefix, e)

@@ -130,6 +130,28 @@ def check_callbacks(config: Any) -> None:
         check_targets(callbacks, app_allowed_targets(config), "hydra.callbacks")
 
 
+def check_run_dir(config: Any) -> None:
+    """The run (or sweep) directory is not a file; a single-process run takes its lock now, before
+    Hydra writes the run's config into it (a second run into a directory in use is refused here)."""
+    import os
+
+    from recap_embed.errors import InputPathError
+
+    mode = str(OmegaConf.select(config, "hydra.mode", default="RUN") or "RUN")
+    key = "hydra.sweep.dir" if "MULTIRUN" in mode else "hydra.run.dir"
+    path = OmegaConf.select(config, key, default=None)
+    if path is None:
+        return
+    path = str(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputPathError(f"{key}: {path!r} is a file, not a directory; choose another {key}")
+    if _LOCK_RUN_DIR and key == "hydra.run.dir" and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        from recap_embed.train.rundir import RunDirLock
+
+        RunDirLock(path).acquire()
+
+
+_LOCK_RUN_DIR = False
 _LOGGING_PACKAGES = ("logging", "colorlog")
 
 
@@ -197,6 +219,7 @@ def _guard_callbacks() -> None:
 
         if config is not None:
             try:
+                check_run_dir(config)
                 check_callbacks(config)
             except USER_ERRORS as e:
                 _refuse(e)
@@ -353,8 +376,11 @@ def _compact_yaml_errors() -> None:
     ConfigRepository.load_config = load_config  # type: ignore[method-assign]
 
 
-def install() -> None:
-    """Apply every guard above to this process (idempotent)."""
+def install(lock_run_dir: bool = False) -> None:
+    """Apply every guard above to this process (idempotent); `lock_run_dir`: take the run
+    directory's lock before Hydra writes into it (the training app)."""
+    global _LOCK_RUN_DIR
+    _LOCK_RUN_DIR = _LOCK_RUN_DIR or lock_run_dir
     _bounded_yaml()
     _compact_yaml_errors()
     _guard_callbacks()

@@ -40,7 +40,7 @@ def _quiet_other_ranks() -> None:
 
 # Bounded config files, one-line YAML errors, the allowlist for what Hydra builds itself
 # (hydra.callbacks, logging): this app's process only.
-hydra_guards.install()
+hydra_guards.install(lock_run_dir=True)
 
 
 @hydra.main(config_path=None, config_name="recap_embed_train", version_base=None)

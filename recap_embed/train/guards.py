@@ -178,3 +178,38 @@ def check_weights_finite(model: Any, step: int) -> None:
                     f"train: weight {key!r} holds non-finite values (nan or inf) at step {step}: training stopped "
                     f"without saving them; likely causes: learning rates too high, or a pretrained table out of range"
                 )
+
+
+#: fp32 state per parameter of each dense optimizer (Adam: two moments; Adagrad: one sum).
+_DENSE_STATE = {"adam": 2, "adagrad": 1, "sgd": 0}
+
+
+def dense_bytes(cfg: Any, specs: Sequence[Any], small_tables: Sequence[Any]) -> int:
+    """fp32 bytes of the dense part (MLP, small tables) with its optimizer state, from the config alone
+    (the layer widths of `recap_embed.train.model.RecapModel`)."""
+    dims = {s.name: int(s.embedding_dim) for s in specs}
+    width = sum(int(s.embedding_dim) for s in specs for _ in s.feature_names)
+    width += sum(int(t.embedding_dim) for t in small_tables)
+    if cfg.model.interaction and "user" in dims and dims.get("user") == dims.get("item"):
+        width += dims["user"]
+    params = sum(int(t.num_embeddings) * int(t.embedding_dim) for t in small_tables)
+    for h in [*cfg.model.hidden, 1]:
+        params += width * int(h) + int(h)
+        width = int(h)
+    return 4 * params * (1 + _DENSE_STATE.get(str(cfg.train.dense_optimizer.name), 2))
+
+
+def check_dense_memory(cfg: Any, specs: Sequence[Any], small_tables: Sequence[Any], device: torch.device) -> None:
+    """The dense part fits the memory this rank has (checked before it is built: nn.Linear allocates at once)."""
+    from recap_embed.distributed.memory import USABLE_SHARE, MemoryDoesNotFit, available_bytes
+    from recap_embed.units import format_bytes
+
+    need = dense_bytes(cfg, specs, small_tables)
+    have = available_bytes(device)
+    if need > USABLE_SHARE * have:
+        raise MemoryDoesNotFit(
+            f"model: the dense part (MLP over the embeddings, small tables, {cfg.train.dense_optimizer.name} state) needs "
+            f"{format_bytes(need)}, but {'the GPU' if device.type == 'cuda' else 'this host'} has {format_bytes(have)} "
+            f"available; its input is as wide as the embeddings together: lower embeddings.embedding_dim (or a table's), "
+            f"model.hidden, or small_embeddings num_embeddings/embedding_dim"
+        )

@@ -31,11 +31,14 @@ from recap_embed.io.pretrained import agree, check_pretrained, collective, load_
 from recap_embed.io.vocab import Vocab, VocabMapper
 from recap_embed.modules import StratifiedMetrics, table_stats
 from recap_embed.modules.names import check_module_names
+from recap_embed.modules.small import small_tables
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
 from .config import DataSource
 from .fingerprint import check_warm_start_vocabs, read_checkpoint_info, vocab_fingerprint
-from .guards import check_examples, check_loss, check_output_dir, check_settings, check_weights_finite, dense_optimizer_class
+from .guards import (
+    check_dense_memory, check_examples, check_loss, check_output_dir, check_settings, check_weights_finite, dense_optimizer_class,
+)
 from .resume import (
     CheckpointPolicy, RunDirLock, final_metrics, materialize_dense_state, progress_state, read_progress, resume_point, supersede,
 )
@@ -95,6 +98,7 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> None:
                 f"features: {', '.join(SPARSE_FEATURES)} (set feature_names, or remove the table with ~{spec.path})"
             )
     check_module_names((s.path, s.name) for s in specs)
+    check_dense_memory(cfg, specs, small_tables(cfg.small_embeddings.get("tables") or {}), device)
     check_pretrained(specs)
 
 

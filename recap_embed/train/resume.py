@@ -3,9 +3,9 @@
 * `RunDirLock`: an exclusive ``flock`` on ``<run dir>/.recap_embed.lock`` held for the life of the
   process (the kernel drops it when the process dies, even by SIGKILL). A second run into a
   directory in use is refused at start, naming the holder.
-* `CheckpointPolicy`: a checkpoint every ``train.checkpoint_every`` steps (0: only the final one),
-  the last ``train.keep_checkpoints`` periodic ones kept (older ones removed once a newer one is
-  complete), and the final checkpoint. Each checkpoint carries ``progress`` (step, epoch, the eval
+* `CheckpointPolicy`: a checkpoint every ``train.checkpoint_every`` steps (0: only the final one)
+  and the final one; the newest ``train.keep_checkpoints`` are kept (older ones are removed once a
+  newer one is complete). Each checkpoint carries ``progress`` (step, epoch, the eval
   curve so far, the running loss) and ``recap_embed.json`` (the vocab fingerprint of every table).
 * `resume_point`: a rerun into the same run directory continues from the latest complete
   checkpoint (logged); ``train.resume=false`` starts afresh, moving the old checkpoints and
@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -28,56 +27,11 @@ from recap_embed.errors import UserError
 from recap_embed.io.checkpoint import checkpoint_step, list_checkpoints, save_checkpoint
 
 from .fingerprint import CHECKPOINT_INFO
+from .rundir import RunDirInUse, RunDirLock  # noqa: F401  (re-exported)
 
 __all__ = ["CheckpointPolicy", "RunDirInUse", "RunDirLock", "resume_point", "supersede"]
 
 log = logging.getLogger("recap_embed.train")
-
-LOCK_FILE = ".recap_embed.lock"
-
-
-class RunDirInUse(UserError):
-    """Another live process trains into this run directory."""
-
-
-class RunDirLock:
-    """Exclusive lock of a run directory for this process (see the module doc)."""
-
-    _held: Dict[str, Any] = {}  # real path -> open file, per process
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
-
-    def acquire(self) -> None:
-        import fcntl
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        key = os.path.realpath(self.run_dir)
-        if key in self._held:
-            return
-        path = self.run_dir / LOCK_FILE
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise RunDirInUse(
-                f"run directory {str(self.run_dir)!r} is in use by a running job ({holder}); wait for it to finish, "
-                f"or set another hydra.run.dir"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        self._held[key] = f
-
-    def release(self) -> None:
-        f = self._held.pop(os.path.realpath(self.run_dir), None)
-        if f is not None:
-            f.close()  # closing drops the flock
-
 
 def supersede(output_dir: Path) -> Optional[Path]:
     """Move the checkpoints and metrics of an earlier run aside (train.resume=false); returns where."""
@@ -149,7 +103,7 @@ class CheckpointPolicy:
         (tmp / CHECKPOINT_INFO).write_text(json.dumps(dict(self.info()), indent=2, sort_keys=True, default=str) + "\n")
 
     def save(self, step: int, app_state: Dict[str, Any], *, final: bool = False) -> Path:
-        """Save step `step` (collective); a periodic save prunes the older periodic ones."""
+        """Save step `step` (collective), then keep only the newest `keep` checkpoints."""
         if checkpoint_step(self.directory / f"step_{step}") == step:
             self.last_saved = step
             return self.directory / f"step_{step}"  # already saved at this step (periodic, then stop/final)
@@ -157,8 +111,7 @@ class CheckpointPolicy:
                                  write_extra=self._write_info)
         path = result.wait() if hasattr(result, "wait") else result  # the loop waits: the state moves on
         self.last_saved = step
-        if not final:
-            self._prune(step)
+        self._prune(step)
         return Path(path)
 
     def _prune(self, newest: int) -> None:

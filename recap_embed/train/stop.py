@@ -28,6 +28,8 @@ log = logging.getLogger("recap_embed.train")
 class StopRequested(UserError):
     """The run was stopped by a signal after saving a checkpoint; ``exit_code`` is 128 + its number."""
 
+    rank0_only = True  # every rank stops at the same step: one line for the job
+
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + int(signum)
