@@ -518,7 +518,7 @@ def console(name: str) -> List[str]:
     script = Path(sys.executable).parent / name
     if script.exists():
         return [str(script)]
-    module = {"recap-embed-train": "recap_embed.train", "recap-embed-from-tml": "recap_embed.cli.from_tml"}[name]
+    module = {"recap-embed-train": "recap_embed.train", "recap-embed-from-tml": "recap_embed.cli.from_tml", "recap-embed-plan": "recap_embed.plan"}[name]
     return [sys.executable, "-m", module]
 
 
@@ -547,6 +547,8 @@ CLI = {
     "adam_on_cpu": CliCase("recap-embed-train", ["embeddings/optimizer=adam", "sharding=cpu"], False, 2, "embeddings.optimizer.algorithm", ["adam", "allowed on CPU"]),
     "yaml_syntax": CliCase("recap-embed-train", ["--config-dir=userconf", "embeddings=mine"], False, 1, "embeddings/mine is not valid YAML", ["mine.yaml", "line 2, column 9"]),
     "tml_unknown_key": CliCase("recap-embed-from-tml", ["bad.yaml"], False, 2, "large_embeddings.tables[0].num_embedings", ["bad.yaml", "num_embeddings"]),
+    "plan_search_bounded": CliCase("recap-embed-plan", ["topology.world_size=1000000", "timeout_s=3"], False, 2, "timeout_s", ["world_size=1000000", "did not finish within 3 s"]),
+    "run_dir_is_a_file": CliCase("recap-embed-train", ["hydra.run.dir=a_file"], False, 2, "hydra.run.dir", ["'a_file' is a file, not a directory"]),
     "tml_unknown_key_full_error": CliCase("recap-embed-from-tml", ["bad.yaml"], True, None, "large_embeddings.tables[0].num_embedings", ["Traceback", "TmlConversionError"]),
 }
 
@@ -558,6 +560,7 @@ def cli_results(tmp_path_factory, assets: Dict[str, Path]) -> Dict[str, Tuple[in
     """Every CLI case, two at a time: (exit status, stdout + stderr, run dir)."""
     root = tmp_path_factory.mktemp("cli")
     (root / "bad.yaml").write_text(yaml.safe_dump(BAD_TML))
+    (root / "a_file").write_text("not a directory\n")
     (root / "userconf" / "embeddings").mkdir(parents=True)
     (root / "userconf" / "embeddings" / "mine.yaml").write_text(PRESETS["yaml_syntax"][0])
 
@@ -568,7 +571,10 @@ def cli_results(tmp_path_factory, assets: Dict[str, Path]) -> Dict[str, Tuple[in
         if case.script == "recap-embed-train":
             data = f"data.dir={assets['data']}" if not case.before_data else f"data.dir={run_dir / 'data'}"
             flags = [a for a in args if a.startswith("--")]
-            args = [*flags, f"hydra.run.dir={run_dir}", data, *TINY, *(a for a in args if not a.startswith("--"))]
+            run_arg = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={run_dir}"]
+            args = [*flags, *run_arg, data, *TINY, *(a for a in args if not a.startswith("--"))]
+        elif case.script == "recap-embed-plan":
+            args = [f"hydra.run.dir={run_dir}", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("HYDRA_FULL_ERROR", None)
         if case.full_error:
@@ -597,7 +603,7 @@ def test_console_script(cli_results: Dict[str, Tuple[int, str, Path]], name: str
         if case.before_data:
             assert not (run_dir / "data").exists()
     if code == 2:  # ours: the cause is printed once
-        marker = "[ERROR]" if case.script == "recap-embed-train" else "error:"
+        marker = "error:" if case.script == "recap-embed-from-tml" else "[ERROR]"
         assert output.count(marker) == 1, output[-3000:]
 
 

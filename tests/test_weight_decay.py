@@ -111,3 +111,10 @@ def test_weight_decay_on_sgd_is_refused_not_ignored() -> None:
     cfg = {"embeddings": {"tables": {"t": {"num_embeddings": 6, "embedding_dim": 4}}, "optimizer": {"algorithm": "sgd", "weight_decay": 0.01}}}
     with pytest.raises(ConfigValidationError, match=r"embeddings\.optimizer\.weight_decay: 0\.01 has no effect with sgd"):
         validate(cfg, device="cpu")
+
+
+def test_a_table_switching_to_sgd_cannot_inherit_a_decay_it_would_ignore() -> None:
+    cfg = {"embeddings": {"tables": {"t": {"num_embeddings": 6, "embedding_dim": 4, "optimizer": {"algorithm": "sgd"}}},
+                          "optimizer": {"algorithm": "adagrad", "weight_decay": 0.01}}}
+    with pytest.raises(ConfigValidationError, match=r"embeddings\.tables\.t\.optimizer\.algorithm: sgd would ignore the weight_decay 0\.01"):
+        validate(cfg, device="cpu")

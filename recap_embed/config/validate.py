@@ -159,6 +159,9 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
             own: Problems = []
             _check_optimizer(effective_optimizer(emb.optimizer, override), f"{path}.optimizer", device_type, own, schedule=False)
             problems.extend(p for p in own if getattr(override, p[0].rsplit(".", 1)[-1], None) is not None)
+            inherited = effective_optimizer(emb.optimizer, override)
+            if override.algorithm is not None and override.weight_decay is None and inherited.algorithm == OptimizerAlgorithm.sgd and _finite(inherited.weight_decay) and inherited.weight_decay > 0:
+                problems.append((f"{path}.optimizer.algorithm", f"sgd would ignore the weight_decay {inherited.weight_decay!r} it inherits from {prefix}.optimizer; set {path}.optimizer.weight_decay=0 or use adagrad or rowwise_adagrad"))
     for name, keys in names.items():
         if len(keys) > 1:
             problems.append((f"{prefix}.tables", f"table name {name!r} is used by {len(keys)} tables ({', '.join(keys)}); table names must be unique"))

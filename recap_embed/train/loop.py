@@ -177,7 +177,14 @@ class Trainer:
                 supersede(self.output_dir)
 
     def _checkpoint_info(self) -> Dict[str, Any]:
-        return {"format": "recap_embed.checkpoint", "version": 1, "vocabs": self.vocab_fingerprints, "step": self.step}
+        return {"format": "recap_embed.checkpoint", "version": 1, "vocabs": self.vocab_fingerprints, "step": self.step,
+                "trajectory": self._trajectory()}
+
+    def _trajectory(self) -> Dict[str, Any]:
+        """Settings that decide which batches come after a resume; a change is allowed but said."""
+        cfg = self.cfg
+        return {"train.batch_size": int(cfg.train.batch_size), "train.seed": int(cfg.train.seed), "data.seed": int(cfg.data.seed),
+                "train_rows": len(self.examples["train"])}
 
     def app_state(self) -> Dict[str, Any]:
         """What a checkpoint holds; its weights are checked finite first (nothing broken is saved)."""
@@ -197,6 +204,11 @@ class Trainer:
                 f"afresh (the old checkpoints are kept aside), or use the data it was trained on"
             )
         materialize_dense_state(self.optimizer)
+        changed = {k: (v, self._trajectory().get(k)) for k, v in (info.get("trajectory") or {}).items() if self._trajectory().get(k) != v}
+        if changed and self.rank == 0:
+            log.warning("resuming from %s with other settings than it was trained with (%s): training continues, "
+                        "but not along the batches the original run would have seen", path,
+                        ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items()))
         state = self.app_state()
         restore_checkpoint(path, state)
         self.step, self.epoch, self.running, self.curve = read_progress(state["progress"])
