@@ -13,11 +13,22 @@ from recap_embed.config.errors import ConfigError
 
 class UserError(Exception):
     """Marker base of errors whose message is the whole story: a bad input (a config value, a
-    missing or corrupt file), not a bug. Console scripts print the message alone."""
+    missing or corrupt file), not a bug. Console scripts print the message alone.
+
+    Errors are classified where they are raised: a ValueError or OSError that is not one of these
+    is a bug (or an unexpected failure) and keeps its traceback."""
+
+
+class InputPathError(UserError, OSError):
+    """A path the user gave is missing, of the wrong kind (a file for a directory) or unusable."""
+
+
+class DataError(UserError, ValueError):
+    """The contents of the user's data cannot be trained on (labels, empty splits, codes out of range)."""
 
 
 #: Errors that mean "the input is wrong": reported as their message alone.
-USER_ERRORS = (ConfigError, UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
+USER_ERRORS = (ConfigError, UserError)
 
 #: Attribute set on an exception raised by a multi-rank agreement (``pretrained.agree``):
 #: ``{global rank: "Type: message"}`` of every rank that failed.
@@ -69,11 +80,14 @@ def report_and_exit(log: logging.Logger, code: int = 2) -> Iterator[None]:
             if rank == 0:
                 ranks = ", ".join(str(r) for r in sorted(failures))
                 log.error("stopped: rank %s failed (its error is reported by that rank)", ranks)
+        elif getattr(e, "rank0_only", False) and rank != 0:
+            pass  # the same stop on every rank: rank 0 says it
         elif should_report(e, rank):
             prefix = f"[rank {rank}] " if rank != 0 and os.environ.get("RANK") is not None else ""
             log.error("%s%s", prefix, e)
-        _shutdown(code)
-        sys.exit(code)
+        status = int(getattr(e, "exit_code", code))  # e.g. 143 after SIGTERM: stopped, not failed
+        _shutdown(status)
+        sys.exit(status)
 
 
 def _shutdown(code: int) -> None:

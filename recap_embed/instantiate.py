@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 import types
-from typing import Any, Iterable, List, Mapping, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, ListConfig
 
@@ -26,24 +26,52 @@ DEFAULT_ALLOWED_TARGETS: Tuple[str, ...] = (
 )
 
 
-class UntrustedTargetError(ValueError):
-    """A `_target_` outside the allowlist."""
+class UntrustedTargetError(ConfigError):
+    """A `_target_` outside the allowlist (a config error: names the config path)."""
 
 
-def _targets(node: Any, path: str) -> Iterable[Tuple[str, Any]]:
-    if isinstance(node, (DictConfig, ListConfig)) and (node._is_none() or node._is_missing()):
-        return
+_UNRESOLVED = object()  # a value whose interpolation cannot be resolved here
+
+
+def _value(node: Any, key: Any, resolve: bool) -> Any:
+    """`node[key]` with interpolations resolved (a node interpolation gives the node it points at)."""
+    if not resolve:
+        return node._get_node(key)._value() if isinstance(node, (DictConfig, ListConfig)) else node[key]
+    try:
+        return node[key]
+    except Exception:  # noqa: BLE001 - missing values, unknown resolvers, `${hydra:...}` outside a run
+        return _UNRESOLVED
+
+
+def _targets(node: Any, path: str, resolve: bool = True, seen: Optional[set] = None) -> Iterable[Tuple[str, Any]]:
+    """(config path, target) of every `_target_` reachable from `node`, following interpolations.
+
+    With `resolve` the walk sees what `instantiate` will see: a value `${payload}` is the node it
+    points at, wherever that lives in the config, and a `_target_` that is an interpolation is its
+    resolved string. Each container is visited once (interpolations may form cycles).
+    """
+    seen = set() if seen is None else seen
+    if isinstance(node, (DictConfig, ListConfig)):
+        if node._is_none() or node._is_missing() or id(node) in seen:
+            return
+        seen.add(id(node))
+    elif isinstance(node, (Mapping, list, tuple)):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
     if isinstance(node, (DictConfig, Mapping)):
-        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
-        for key, value in items:
+        for key in list(node.keys()):
             child = f"{path}.{key}" if path else str(key)
+            value = _value(node, key, resolve)
             if key == "_target_":
                 yield child, value
-            else:
-                yield from _targets(value, child)
+            elif value is not _UNRESOLVED:
+                yield from _targets(value, child, resolve, seen)
     elif isinstance(node, (ListConfig, list, tuple)):
-        for i, value in enumerate(node):
-            yield from _targets(value, f"{path}[{i}]")
+        for i in range(len(node)):
+            value = _value(node, i, resolve)
+            if value is not _UNRESOLVED:
+                yield from _targets(value, f"{path}[{i}]", resolve, seen)
 
 
 def _qualified_name(obj: Any) -> str:
@@ -70,13 +98,15 @@ def _resolve(name: str) -> Any:
         return None
 
 
-def check_targets(cfg: Any, allowed: Iterable[str] = (), path: str = "") -> None:
+def check_targets(cfg: Any, allowed: Iterable[str] = (), path: str = "", *, resolve: bool = True) -> None:
     """Raise UntrustedTargetError naming the config path of the first `_target_` not allowed.
 
     `allowed` adds module prefixes (e.g. ``"my_project."``) to `DEFAULT_ALLOWED_TARGETS`. A name
     must start with an allowed prefix, and so must what it resolves to: Hydra walks attributes,
     so ``recap_embed.errors.os.system`` would otherwise reach ``os.system`` through a module that
     imports ``os``. Resolving imports the (allowed) modules the names point into; nothing is called.
+    Interpolations are followed (`resolve`): ``x: ${payload}`` checks the node it points at, since
+    `hydra.utils.instantiate` resolves it and builds what it finds there.
     """
     prefixes: List[str] = [*DEFAULT_ALLOWED_TARGETS, *(p if p.endswith(".") else p + "." for p in allowed)]
 
@@ -89,7 +119,9 @@ def check_targets(cfg: Any, allowed: Iterable[str] = (), path: str = "") -> None
             f"(add your own module with `allowed_targets`)"
         )
 
-    for where, target in _targets(cfg, path):
+    for where, target in _targets(cfg, path, resolve):
+        if target is _UNRESOLVED:
+            raise UntrustedTargetError(f"{where}: _target_ is an interpolation that cannot be resolved here; a _target_ must name a callable")
         if callable(target) or isinstance(target, types.ModuleType):
             name = _qualified_name(target) or repr(target)
             if not ok(name):
@@ -117,11 +149,13 @@ def instantiate(cfg: Any, *args: Any, allowed_targets: Iterable[str] = (), **kwa
     from recap_embed.errors import USER_ERRORS
 
     prefix = ""
-    if isinstance(cfg, DictConfig) and cfg._get_parent() is not None:
+    if isinstance(cfg, (DictConfig, ListConfig)) and cfg._get_parent() is not None:
         prefix = str(cfg._get_full_key(None) or "")
-    check_targets(cfg, allowed_targets, prefix)
+    prepared = _as_omegaconf(cfg, allowed_targets, prefix)
+    check_targets(prepared, allowed_targets, prefix)  # interpolations resolved, as Hydra will
+    check_targets(kwargs, allowed_targets, prefix)
     try:
-        return hydra_instantiate(cfg, *args, **kwargs)
+        return hydra_instantiate(prepared, *args, **kwargs)
     except InstantiationException as e:
         # Hydra wraps what the target raised in "Error in call to target ...: VocabError('...')";
         # a bad input is reported as its own (path-naming) message instead.
@@ -134,6 +168,29 @@ def instantiate(cfg: Any, *args: Any, allowed_targets: Iterable[str] = (), **kwa
             detail = " ".join(str(cause).split())
             raise ConfigError(f"{key + '.' if key else ''}_target_: {target!r} cannot be imported ({detail})") from None
         raise
+
+
+def _as_omegaconf(cfg: Any, allowed: Iterable[str], prefix: str) -> Any:
+    """`cfg` as the OmegaConf node `hydra.utils.instantiate` will build from (plain dicts, lists and
+    dataclasses are converted as Hydra converts them; callables are checked before they become
+    names). Checking it with interpolations resolved against its own root checks what Hydra
+    resolves in its copy, so the targets checked are the targets called."""
+    from omegaconf import OmegaConf
+
+    if cfg is None or isinstance(cfg, (DictConfig, ListConfig)):
+        return cfg
+    check_targets(cfg, allowed, prefix, resolve=False)
+    try:
+        from hydra._internal.instantiate._instantiate2 import _prepare_input_dict_or_list
+    except ImportError:  # pragma: no cover - another Hydra layout: Hydra converts it itself
+        return cfg
+    raw = _prepare_input_dict_or_list(cfg) if isinstance(cfg, (dict, list)) else cfg
+    try:
+        return OmegaConf.structured(raw, flags={"allow_objects": True})
+    except Exception:  # noqa: BLE001 - not a config Hydra could build either: let it say so
+        return raw
+
+
 
 
 def build(cfg: DictConfig, parsed: Any, *, allowed_targets: Iterable[str] = ()) -> Any:

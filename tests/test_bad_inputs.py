@@ -244,6 +244,13 @@ def assets(tmp_path_factory) -> Dict[str, Path]:
     out["a_file"] = root / "a_file"
     Snapshot.take(str(root / "pickled"), app_state={"model": StateDict(user=("not", "a", "tensor"))})
     out["pickled"] = root / "pickled"
+    out.update(escaping_snapshots(root, root / "snap", "0/model/user"))
+    nan = torch.full((USER_ROWS, DIM), float("nan"))
+    Snapshot.take(str(root / "nan_table"), app_state={"model": StateDict(user=nan)})
+    one_inf = torch.randn(USER_ROWS, DIM)
+    one_inf[17, 3] = float("inf")
+    Snapshot.take(str(root / "inf_row"), app_state={"model": StateDict(user=one_inf)})
+    out["nan_table"], out["inf_row"] = root / "nan_table", root / "inf_row"
 
     def vocab(name: str, columns: Dict[str, list]) -> None:
         (root / name).mkdir()
@@ -255,9 +262,93 @@ def assets(tmp_path_factory) -> Dict[str, Path]:
     vocab("negative_rows", {"id": [11, 12], "row": [0, -4]})
     (root / "no_parquet").mkdir()
     out["no_parquet"] = root / "no_parquet"
+    out.update(bad_splits(root, root / "data" / "train.parquet"))
+    out.update(recorded_vocabs(root, root / "snap"))
+    out["a_dir"] = root / "no_parquet"
     (root / "garbage").mkdir()
     (root / "garbage" / "part-0.parquet").write_text("not parquet")
     out["garbage"] = root / "garbage"
+    return out
+
+
+def bad_splits(root: Path, train: Path) -> Dict[str, Path]:
+    """Copies of the generated train split with labels that are not 0/1, no rows, an unknown code."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(train)
+    click = table.column("click").to_numpy().astype(np.float64)
+    out = {}
+
+    def write(name: str, t) -> None:
+        pq.write_table(t, root / f"{name}.parquet")
+        out[name] = root / f"{name}.parquet"
+
+    def with_click(values) -> "pa.Table":
+        return table.set_column(table.column_names.index("click"), "click", pa.array(values))
+
+    write("labels_0_2", with_click((click * 2).astype(np.int8)))
+    write("labels_signed", with_click((click * 2 - 1).astype(np.int8)))
+    nan = click.copy()
+    nan[::7] = np.nan
+    write("labels_nan", with_click(nan))
+    write("no_rows", table.slice(0, 0))
+    country = table.column("country").to_numpy().copy()
+    country[3] = 99
+    write("code_99", table.set_column(table.column_names.index("country"), "country", pa.array(country)))
+    return out
+
+
+def recorded_vocabs(root: Path, snap: Path) -> Dict[str, Path]:
+    """Copies of a snapshot whose checkpoint record says its user rows came from another vocab, or from raw ids."""
+    import json
+
+    out = {}
+    for name, fp in {"snap_other_vocab": {"entries": 7, "sha256": "0" * 64}, "snap_raw_ids": None}.items():
+        shutil.copytree(snap, root / name)
+        (root / name / "recap_embed.json").write_text(json.dumps({"format": "recap_embed.checkpoint", "version": 1, "vocabs": {"user": fp}}))
+        out[name] = root / name
+    return out
+
+
+SECRET = 7.0  # the value of every float in the file outside the snapshots
+
+
+def escaping_snapshots(root: Path, good: Path, key: str) -> Dict[str, Path]:
+    """Copies of snapshot `good` whose entry `key` (or manifest) reads a file outside the snapshot:
+    an absolute location, a location climbing out with '..', a data file that is a symlink to the
+    outside file, and a manifest that is a symlink out of the directory. The outside file has the
+    entry's exact size, so a reader that follows any of them would load it without complaint."""
+    import json
+
+    manifest = json.loads((good / ".snapshot_metadata").read_text())
+    entry = manifest["manifest"][key]
+    secret = root / f"secret-{good.name}.bin"
+    start, end = entry.get("byte_range") or [0, (good / entry["location"]).stat().st_size]
+    secret.write_bytes(bytes(start) + __import__("struct").pack(f"<{(end - start) // 4}f", *[SECRET] * ((end - start) // 4)))
+    out = {}
+
+    def variant(name: str, location: Optional[str] = None) -> Path:
+        target = root / name / good.name  # the same directory name (checkpoints are step_<N>)
+        shutil.copytree(good, target)
+        if location is not None:
+            changed = json.loads(json.dumps(manifest))
+            changed["manifest"][key]["location"] = location
+            (target / ".snapshot_metadata").write_text(json.dumps(changed))
+        out[name] = target
+        return target
+
+    variant("escape_absolute", str(secret))
+    variant("escape_dotdot", f"../../{secret.name}")
+    linked = variant("escape_symlink")
+    (linked / entry["location"]).unlink()
+    (linked / entry["location"]).symlink_to(secret)
+    outside_manifest = root / f"outside-manifest-{good.name}.json"
+    outside_manifest.write_text((good / ".snapshot_metadata").read_text())
+    meta = variant("escape_manifest_symlink")
+    (meta / ".snapshot_metadata").unlink()
+    (meta / ".snapshot_metadata").symlink_to(outside_manifest)
     return out
 
 
@@ -289,6 +380,12 @@ APP = {
     "pretrained_wrong_dim": ([f"{P}.embedding_snapshot_uri={{snap}}", f"{U}.embedding_dim=8"], False, P, [f"[{USER_ROWS}, {DIM}]", "embedding_dim 8"]),
     "pretrained_wrong_rows": ([f"{P}.embedding_snapshot_uri={{snap}}", f"{U}.num_embeddings=300"], False, P, [f"[{USER_ROWS}, {DIM}]", "300 rows", "allow_partial_rows=true"]),
     "pretrained_pickled_entry": ([f"{P}.embedding_snapshot_uri={{pickled}}"], False, P, ["pickled object", "refusing"]),
+    "pretrained_absolute_location": ([f"{P}.embedding_snapshot_uri={{escape_absolute}}"], False, f"{P}.embedding_snapshot_uri", ["'0/model/user'", "outside the snapshot directory", "secret-snap.bin"]),
+    "pretrained_dotdot_location": ([f"{P}.embedding_snapshot_uri={{escape_dotdot}}"], False, f"{P}.embedding_snapshot_uri", ["'0/model/user'", "outside the snapshot directory", "../../secret-snap.bin"]),
+    "pretrained_symlinked_file": ([f"{P}.embedding_snapshot_uri={{escape_symlink}}"], False, f"{P}.embedding_snapshot_uri", ["'0/model/user'", "outside the snapshot directory", "symlink"]),
+    "pretrained_symlinked_manifest": ([f"{P}.embedding_snapshot_uri={{escape_manifest_symlink}}"], False, f"{P}.embedding_snapshot_uri", ["'the manifest'", ".snapshot_metadata", "outside the snapshot directory"]),
+    "pretrained_all_nan": ([f"{P}.embedding_snapshot_uri={{nan_table}}"], True, P, ["nan_table'", f"{USER_ROWS * DIM} non-finite value(s)", "rows [0, 1, 2, 3, 4] ..."]),
+    "pretrained_one_inf": ([f"{P}.embedding_snapshot_uri={{inf_row}}"], True, P, ["inf_row'", "1 non-finite value(s)", "rows [17]"]),
     "vocab_missing_dir": ([f"{U}.vocab={{root}}/no_vocab"], True, U, ["no_vocab'", "does not exist", "directory of parquet files"]),
     "vocab_wrong_columns": ([f"{U}.vocab={{wrong_columns}}"], True, U, ["part-0.parquet", "no column 'id'", "['key', 'row']"]),
     "vocab_duplicates": ([f"{U}.vocab={{duplicates}}"], True, U, ["id 12", "rows [1, 2]", "each id must appear once"]),
@@ -305,6 +402,45 @@ APP = {
     "row_wise_preset_needs_cuda": (["sharding=row_wise"], False, "sharding.device", ["'cuda'", "no CUDA device", "auto or cpu"]),
     "untrusted_small_target": (["small_embeddings._target_=builtins.eval"], False, "small_embeddings._target_", ["'builtins.eval'", "allowed prefixes", "allowed_targets"]),
     "missing_data_dir": (["data.dir=???"], False, f"{U}.vocab", ["data.dir", "Missing mandatory value"]),
+    # refused before training: sizes, steps, rates, names (no data is generated for these)
+    "batch_size_zero": (["train.batch_size=0"], False, "train.batch_size", ["0 is not allowed", "positive integer"]),
+    "epochs_negative": (["train.epochs=-1"], False, "train.epochs", ["-1 is not allowed", "positive integer"]),
+    "max_steps_zero": (["train.max_steps=0"], False, "train.max_steps", ["0 is not allowed", "or null for every epoch"]),
+    "eval_every_negative": (["train.eval_every=-5"], False, "train.eval_every", ["-5", "integer >= 0"]),
+    "checkpoint_every_negative": (["train.checkpoint_every=-1"], False, "train.checkpoint_every", ["-1", "0: the final checkpoint only"]),
+    "keep_checkpoints_zero": (["train.keep_checkpoints=0"], False, "train.keep_checkpoints", ["0 is not allowed"]),
+    "dense_optimizer_unknown": (["train.dense_optimizer.name=lbfgs"], False, "train.dense_optimizer.name", ["'lbfgs'", "adam, adagrad, sgd"]),
+    "dense_lr_nan": (["train.dense_optimizer.lr=nan"], False, "train.dense_optimizer.lr", ["nan", "finite learning rate >= 0"]),
+    "dense_lr_negative": (["train.dense_optimizer.lr=-0.1"], False, "train.dense_optimizer.lr", ["-0.1", "finite learning rate >= 0"]),
+    "dense_weight_decay_inf": (["train.dense_optimizer.weight_decay=inf"], False, "train.dense_optimizer.weight_decay", ["inf", "finite weight decay"]),
+    "table_lr_inf": (["embeddings.optimizer.init_learning_rate=inf"], False, "embeddings.optimizer.init_learning_rate", ["inf", "finite learning rate"]),
+    "table_lr_nan": ([f"{U}.optimizer.init_learning_rate=nan"], False, f"{U}.optimizer.init_learning_rate", ["nan", "finite learning rate"]),
+    "schedule_rate_inf": (["embeddings/lr=linear_ramp_to_constant", "embeddings.optimizer.learning_rate.linear_ramp_to_constant.learning_rate=inf"], False,
+                          "embeddings.optimizer.learning_rate.linear_ramp_to_constant.learning_rate", ["inf", "finite learning rate"]),
+    "eps_nan": (["embeddings.optimizer.eps=nan"], False, "embeddings.optimizer.eps", ["nan", "finite value"]),
+    "layer_width_zero": (["model.hidden=[64,0]"], False, "model.hidden[1]", ["0 is not allowed", "positive layer width"]),
+    "no_training_rows": (["data.synthetic.num_train=0"], False, "data.synthetic.num_train", ["0 is not allowed"]),
+    "unknown_rate_above_one": (["data.synthetic.unknown_rate=1.5"], False, "data.synthetic.unknown_rate", ["1.5", "[0, 1)"]),
+    "data_seed_negative": (["data.seed=-3"], False, "data.seed", ["-3", "integer >= 0"]),
+    "table_name_with_dot": ([f"{U}.name=user.v2", f"{U}.feature_names=[user]"], False, U, ["'user.v2'", "contains '.'"]),
+    "table_name_attribute": ([f"{U}.name=items", f"{U}.feature_names=[user]"], False, U, ["'items'", "attribute of torch's ModuleDict"]),
+    "data_dir_is_a_file": (["data.dir={a_file}"], False, "data.dir", ["a_file'", "is a file, not a directory"]),
+    "plan_file_is_a_dir": (["sharding.plan_file={a_dir}"], False, "sharding.plan_file", ["no_parquet'", "is a directory"]),
+    "dense_part_too_large": (["embeddings.embedding_dim=1000000000"], False, "model", ["dense part", "TiB", "available"]),
+    # refused once the data is read, before sharding
+    "labels_zero_two": (["data.source=parquet", "data.train_path={labels_0_2}", "data.eval_path={data}/eval.parquet"], True, "labels_0_2.parquet", ["column 'click' must hold 0 or 1", "[2.0]"]),
+    "labels_signed": (["data.source=parquet", "data.train_path={labels_signed}", "data.eval_path={data}/eval.parquet"], True, "labels_signed.parquet", ["0 or 1 labels", "[-1.0]"]),
+    "labels_nan": (["data.source=parquet", "data.train_path={labels_nan}", "data.eval_path={data}/eval.parquet"], True, "labels_nan.parquet", ["0 or 1 labels", "nan"]),
+    "train_split_empty": (["data.source=parquet", "data.train_path={no_rows}", "data.eval_path={data}/eval.parquet"], True, "no_rows.parquet", ["has no rows", "train on"]),
+    "eval_split_empty": (["data.source=parquet", "data.train_path={data}/train.parquet", "data.eval_path={no_rows}"], True, "no_rows.parquet", ["eval split", "has no rows"]),
+    "train_split_below_one_batch": (["train.batch_size=4096"], True, "train.batch_size=4096", ["2000 rows", "no step would run"]),
+    "code_beyond_small_table": (["data.source=parquet", "data.train_path={code_99}", "data.eval_path={data}/eval.parquet"], True, "small_embeddings.tables.country", ["[0, 99]", "allowed: [0, 32)"]),
+    "stale_data_dir": (["data.synthetic.num_users=300"], True, "data.dir", ["data.synthetic.num_users: 200 there, 300 now", "another data.dir"]),
+    "warm_start_other_vocab": ([f"{P}.embedding_snapshot_uri={{snap_other_vocab}}"], True, P, ["a vocab of 7 ids", f"a vocab of {USER_ROWS - 1:,} ids", "other ids"]),
+    "warm_start_raw_ids": ([f"{P}.embedding_snapshot_uri={{snap_raw_ids}}"], True, P, ["raw ids as rows (no vocab)", "other ids"]),
+    "tables_beyond_host_memory": ([f"embeddings.tables.item.num_embeddings={{huge_rows}}"], True, "embeddings", ["GiB available", "embeddings.tables.item", "fp16"]),
+    "planner_does_not_fit": (["sharding.ddr_cap_gb=0.000001"], True, "sharding", ["do not fit on 1 cpu rank", "insufficient storage", "largest: user"]),
+    "weight_decay_ignored_by_cpu_kernel": (["embeddings.optimizer.weight_decay=0.01", "sharding.sharding_types=[table_wise]"], True, f"{U}.optimizer.weight_decay", ["0.01", "has no effect", "kernel ignores weight decay"]),
 }
 
 
@@ -316,7 +452,13 @@ def test_app_stops_before_training(tmp_path: Path, assets: Dict[str, Path], name
 
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
-    overrides = [o.format(**{k: str(v) for k, v in assets.items()}) for o in overrides]
+    import torch
+
+    from recap_embed.distributed.memory import available_bytes
+
+    values = {k: str(v) for k, v in assets.items()}
+    values["huge_rows"] = str(int(2 * available_bytes(torch.device("cpu")) / (DIM * 4)))  # twice this host's memory
+    overrides = [o.format(**values) for o in overrides]
     if name == "missing_data_dir":  # data.dir itself is the bad value
         from recap_embed.train.loop import Trainer
 
@@ -330,18 +472,45 @@ def test_app_stops_before_training(tmp_path: Path, assets: Dict[str, Path], name
     check_message(message, Case(overrides, path, words))
 
 
-def test_rerun_into_a_finished_run_keeps_its_checkpoint(tmp_path: Path, assets: Dict[str, Path]) -> None:
-    """A second run into the same directory would fail at its final save: it stops before training."""
-    final = tmp_path / "checkpoints" / "step_2"
-    final.mkdir(parents=True)
-    (final / "COMPLETE").write_text("{}")
-    from recap_embed.train.loop import Trainer
+# --------------------------------------------------------------------------- CHECKPOINTS: restore
 
-    with pytest.raises(FileExistsError) as err:
-        Trainer(compose_train([f"data.dir={assets['data']}", *TINY]), tmp_path)
-    check_message(str(err.value), Case([], str(final), ["already exists", "hydra.run.dir", "train.checkpoint=false"]))
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_2"] and (final / "COMPLETE").read_text() == "{}"
-    assert not (tmp_path / "metrics.json").exists()
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Dict[str, Path]:
+    import torch
+    from torchsnapshot import StateDict
+
+    from recap_embed.io.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpts")
+    good = save_checkpoint(root / "good", 3, {"model": StateDict(w=torch.ones(64, 8), step=3)})
+    out = {"good": good, **escaping_snapshots(root, good, "0/model/w")}
+    bad = torch.ones(64, 8)
+    bad[5] = float("nan")
+    out["nan"] = save_checkpoint(root / "nan", 3, {"model": StateDict(w=bad, step=3)})
+    return out
+
+
+@pytest.mark.parametrize("name", ["escape_absolute", "escape_dotdot", "escape_symlink", "escape_manifest_symlink", "nan"])
+def test_restore_reads_nothing_from_outside_and_nothing_non_finite(checkpoints: Dict[str, Path], name: str) -> None:
+    import torch
+    from torchsnapshot import StateDict
+
+    from recap_embed.io.checkpoint import restore_checkpoint
+
+    dest = {"model": StateDict(w=torch.zeros(64, 8), step=-1)}
+    with pytest.raises(USER_ERRORS) as err:
+        restore_checkpoint(checkpoints[name], dest)
+    message = str(err.value)
+    assert str(checkpoints[name]) in message, message
+    if name == "nan":
+        assert "8 non-finite value(s)" in message and "rows [5]" in message, message
+    else:
+        assert "outside the snapshot directory" in message, message
+        assert not (dest["model"]["w"] == SECRET).any(), "bytes from outside the checkpoint were restored"
+        assert dest["model"]["step"] == -1 and torch.equal(dest["model"]["w"], torch.zeros(64, 8))
+    good = {"model": StateDict(w=torch.zeros(64, 8), step=-1)}
+    assert restore_checkpoint(checkpoints["good"], good) == 3 and torch.equal(good["model"]["w"], torch.ones(64, 8))
 
 
 # --------------------------------------------------------------------------- CLI: console scripts
@@ -351,7 +520,7 @@ def console(name: str) -> List[str]:
     script = Path(sys.executable).parent / name
     if script.exists():
         return [str(script)]
-    module = {"recap-embed-train": "recap_embed.train", "recap-embed-from-tml": "recap_embed.cli.from_tml"}[name]
+    module = {"recap-embed-train": "recap_embed.train", "recap-embed-from-tml": "recap_embed.cli.from_tml", "recap-embed-plan": "recap_embed.plan"}[name]
     return [sys.executable, "-m", module]
 
 
@@ -380,6 +549,8 @@ CLI = {
     "adam_on_cpu": CliCase("recap-embed-train", ["embeddings/optimizer=adam", "sharding=cpu"], False, 2, "embeddings.optimizer.algorithm", ["adam", "allowed on CPU"]),
     "yaml_syntax": CliCase("recap-embed-train", ["--config-dir=userconf", "embeddings=mine"], False, 1, "embeddings/mine is not valid YAML", ["mine.yaml", "line 2, column 9"]),
     "tml_unknown_key": CliCase("recap-embed-from-tml", ["bad.yaml"], False, 2, "large_embeddings.tables[0].num_embedings", ["bad.yaml", "num_embeddings"]),
+    "plan_search_bounded": CliCase("recap-embed-plan", ["topology.world_size=1000000", "timeout_s=3"], False, 2, "timeout_s", ["world_size=1000000", "did not finish within 3 s"]),
+    "run_dir_is_a_file": CliCase("recap-embed-train", ["hydra.run.dir=a_file"], False, 2, "hydra.run.dir", ["'a_file' is a file, not a directory"]),
     "tml_unknown_key_full_error": CliCase("recap-embed-from-tml", ["bad.yaml"], True, None, "large_embeddings.tables[0].num_embedings", ["Traceback", "TmlConversionError"]),
 }
 
@@ -391,6 +562,7 @@ def cli_results(tmp_path_factory, assets: Dict[str, Path]) -> Dict[str, Tuple[in
     """Every CLI case, two at a time: (exit status, stdout + stderr, run dir)."""
     root = tmp_path_factory.mktemp("cli")
     (root / "bad.yaml").write_text(yaml.safe_dump(BAD_TML))
+    (root / "a_file").write_text("not a directory\n")
     (root / "userconf" / "embeddings").mkdir(parents=True)
     (root / "userconf" / "embeddings" / "mine.yaml").write_text(PRESETS["yaml_syntax"][0])
 
@@ -401,7 +573,10 @@ def cli_results(tmp_path_factory, assets: Dict[str, Path]) -> Dict[str, Tuple[in
         if case.script == "recap-embed-train":
             data = f"data.dir={assets['data']}" if not case.before_data else f"data.dir={run_dir / 'data'}"
             flags = [a for a in args if a.startswith("--")]
-            args = [*flags, f"hydra.run.dir={run_dir}", data, *TINY, *(a for a in args if not a.startswith("--"))]
+            run_arg = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={run_dir}"]
+            args = [*flags, *run_arg, data, *TINY, *(a for a in args if not a.startswith("--"))]
+        elif case.script == "recap-embed-plan":
+            args = [f"hydra.run.dir={run_dir}", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("HYDRA_FULL_ERROR", None)
         if case.full_error:
@@ -430,10 +605,10 @@ def test_console_script(cli_results: Dict[str, Tuple[int, str, Path]], name: str
         if case.before_data:
             assert not (run_dir / "data").exists()
     if code == 2:  # ours: the cause is printed once
-        marker = "[ERROR]" if case.script == "recap-embed-train" else "error:"
+        marker = "error:" if case.script == "recap-embed-from-tml" else "[ERROR]"
         assert output.count(marker) == 1, output[-3000:]
 
 
 def test_case_count() -> None:
-    total = len(RULES) + len(COMPOSE) + len(PRESETS) + len(SMALL_PRESETS) + len(APP) + 1 + len(CLI)
+    total = len(RULES) + len(COMPOSE) + len(PRESETS) + len(SMALL_PRESETS) + len(APP) + len(CLI)
     assert total >= 40, total

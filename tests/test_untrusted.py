@@ -59,7 +59,7 @@ def refused_configs(marker: Path) -> Dict[str, Any]:
         ),
         "lookalike_prefix": ({"_target_": "torchrecs.system", "_args_": [shell]}, "_target_", ["'torchrecs.system'"]),
         "callable_object": ({"_target_": untrusted_helper.touch, "path": str(marker)}, "_target_", ["'untrusted_helper.touch'"]),
-        "interpolated": ({"_target_": "${oc.env:RECAP_EMBED_EVIL_TARGET}", "_args_": [shell]}, "_target_", ["oc.env"]),
+        "interpolated": ({"_target_": "${oc.env:RECAP_EMBED_EVIL_TARGET}", "_args_": [shell]}, "_target_", ["'os.system'"]),
     }
 
 
@@ -170,3 +170,122 @@ def test_checkpoint_objects_are_never_fully_unpickled(tmp_path: Path) -> None:
         except Exception:  # noqa: BLE001 - refusing is the expected outcome
             pass
         assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- interpolations
+
+
+def test_a_node_interpolation_is_checked_where_it_points(tmp_path: Path) -> None:
+    """`instantiate(cfg.small_embeddings)` resolves `${payload}` from elsewhere in the config and
+    would build what it finds there: the payload is refused before anything is called."""
+    marker = tmp_path / "called"
+    cfg = OmegaConf.create({
+        "payload": {"_target_": "untrusted_helper.touch", "path": str(marker)},
+        "small_embeddings": {"_target_": "recap_embed.modules.SmallEmbeddings", "tables": "${payload}"},
+    })
+    with pytest.raises(UntrustedTargetError, match=r"^small_embeddings\.tables\._target_: _target_ 'untrusted_helper\.touch'"):
+        instantiate(cfg.small_embeddings)
+    assert not marker.exists()
+    # The same payload reached through a list, and through a chain of interpolations.
+    cfg = OmegaConf.create({"p": {"_target_": "shutil.copyfile", "_args_": ["a", str(marker)]}, "q": "${p}", "x": {"_target_": "torch.nn.Sequential", "_args_": ["${q}"]}})
+    with pytest.raises(UntrustedTargetError, match=r"^x\._args_\[0\]\._target_: _target_ 'shutil\.copyfile'"):
+        instantiate(cfg.x)
+    assert not marker.exists()
+
+
+def test_interpolation_cycles_end() -> None:
+    cfg = OmegaConf.create({"a": {"_target_": "torch.nn.Identity", "me": "${a}", "up": "${..a}"}, "b": "${c}", "c": "${b}"})
+    check_targets(cfg)  # terminates; the cycle b <-> c cannot be resolved and holds no target
+
+
+# --------------------------------------------------------------------------- what Hydra builds
+
+
+def _train(args, cwd: Path, env_extra=None):
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(env_extra or {})
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "recap_embed.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return out.returncode, out.stdout + out.stderr, time.perf_counter() - t0
+
+
+EVIL = {
+    # @package _global_ presets a user might pick with --config-dir
+    "callback": "hydra:\n  callbacks:\n    x:\n      _target_: shutil.copyfile\n      _args_: [{src}, {marker}]\n",
+    "callback_interpolated": "hydra:\n  callbacks:\n    x:\n      _target_: ${{oc.env:RECAP_EMBED_NO_SUCH_VAR,shutil.copyfile}}\n      _args_: [{src}, {marker}]\n",
+    "widen": "allowed_targets: [shutil]\n",
+    "logging_factory": "hydra:\n  job_logging:\n    handlers:\n      evil:\n        (): shutil.copyfile\n        src: {src}\n        dst: {marker}\n    root:\n      handlers: [evil]\n",
+    "logging_class": "hydra:\n  hydra_logging:\n    handlers:\n      evil:\n        class: shutil.copyfile\n        src: {src}\n        dst: {marker}\n    root:\n      handlers: [evil]\n",
+}
+EVIL_WORDS = {
+    "callback": ["hydra.callbacks.x._target_", "'shutil.copyfile' is not allowed"],
+    "callback_interpolated": ["hydra.callbacks.x._target_", "'shutil.copyfile' is not allowed"],
+    "widen": ["allowed_targets: ['shutil'] is set by a config file", "cannot widen", "allowed_targets=[shutil]"],
+    "logging_factory": ["hydra.job_logging.handlers.evil.()", "'shutil.copyfile' is not a logging Handler"],
+    "logging_class": ["hydra.hydra_logging.handlers.evil.class", "'shutil.copyfile' is not a logging Handler"],
+}
+
+
+@pytest.fixture(scope="module")
+def evil_runs(tmp_path_factory):
+    """Each preset of EVIL through the console script (two at a time), plus the control run that
+    allows `shutil` on the command line and so must leave the marker."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("evil")
+    (root / "src").write_text("payload\n")
+    (root / "conf" / "extra").mkdir(parents=True)
+
+    def run(name: str):
+        marker = root / f"marker-{name}"
+        preset = name.replace("_control", "")
+        (root / "conf" / "extra" / f"{name}.yaml").write_text("# @package _global_\n" + EVIL[preset].format(src=root / "src", marker=marker))
+        args = ["--config-dir", str(root / "conf"), f"+extra={name}", f"hydra.run.dir={root / name}", f"data.dir={root / name / 'data'}",
+                "embeddings.tables.user.embedding_dim=6"]  # a bad value: the control stops right after the callbacks ran
+        if name.endswith("_control"):
+            args.append("allowed_targets=[shutil]")
+        code, output, _ = _train(args, root)
+        return code, output, marker
+
+    names = [*EVIL, "callback_control"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(names, pool.map(run, names)))
+
+
+@pytest.mark.parametrize("name", list(EVIL))
+def test_presets_cannot_make_hydra_call_anything(evil_runs, name: str) -> None:
+    code, output, marker = evil_runs[name]
+    assert code == 2, output[-3000:]
+    for word in EVIL_WORDS[name]:
+        assert word in output, (word, output[-3000:])
+    assert "Traceback" not in output and output.count("[ERROR]") == 1, output[-3000:]
+    assert not marker.exists(), "the payload ran"
+
+
+def test_the_callback_payload_runs_once_allowed_on_the_command_line(evil_runs) -> None:
+    code, output, marker = evil_runs["callback_control"]
+    assert marker.exists(), output[-3000:]
+    assert code == 2 and "embedding_dim: 6 is not a multiple of 4" in output  # then the bad value stopped it
+
+
+@pytest.mark.parametrize("kind", ["alias_bomb", "deep_nesting"])
+def test_config_files_that_would_not_finish_are_refused_quickly(tmp_path: Path, kind: str) -> None:
+    (tmp_path / "conf" / "extra").mkdir(parents=True)
+    if kind == "alias_bomb":  # 10^10 values once expanded, 110 in the file
+        lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+        text, words = "\n".join(lines), ["extra/bomb", "expands to more than 2,000,000 values"]
+    else:
+        text, words = "x: " + "[" * 10_000 + "]" * 10_000, ["extra/bomb", "nested more than 64 levels deep"]
+    (tmp_path / "conf" / "extra" / "bomb.yaml").write_text("# @package _global_\n" + text + "\n")
+    code, output, seconds = _train(["--config-dir", str(tmp_path / "conf"), "+extra=bomb", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert seconds < 60, seconds
+    assert code == 1, output[-3000:]  # Hydra's exit status for errors while composing
+    for word in words:
+        assert word in output, (word, output[-3000:])
+    assert "Traceback" not in output and "RecursionError" not in output, output[-3000:]
+    assert not (tmp_path / "run").exists()

@@ -30,8 +30,10 @@ def make_stratifiers(**kwargs: Any) -> Any:
 
 def make_small_then_stop(**kwargs: Any) -> Any:
     """Marks that it was called, then stops the job (a user error) before anything is trained."""
+    from recap_embed.config import ConfigError
+
     _mark()
-    raise ValueError("untrusted_helper.make_small_then_stop was called")
+    raise ConfigError("untrusted_helper.make_small_then_stop was called")
 
 
 class Payload:

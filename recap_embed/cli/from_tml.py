@@ -69,16 +69,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return _run(args)
-    except (_Failure, ValueError, OSError):
+    except (_Failure, ConfigError):  # bad inputs, classified where they are raised; a bug keeps its traceback
         if os.environ.get("HYDRA_FULL_ERROR") == "1":  # as in the Hydra apps: the whole traceback
             raise
         e = sys.exc_info()[1]
-        if isinstance(e, TmlConversionError):
-            _error(f"{args.file}: {e}")
-        elif isinstance(e, (_Failure, FileExistsError, ValueError)):
-            _error(str(e))
-        else:
-            _error(f"{e.filename or args.file}: {e.strerror or e}")
+        _error(f"{args.file}: {e}" if isinstance(e, TmlConversionError) else str(e))
     return EXIT_ERROR
 
 
@@ -105,7 +100,12 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(f"# ==> {rel} <==\n{body}" for rel, body in rendered.items()))
         _note_skipped(conversion)
         return 0
-    written = write_presets(conversion, args.out, name, overwrite=args.overwrite, source=shown)
+    try:
+        written = write_presets(conversion, args.out, name, overwrite=args.overwrite, source=shown)
+    except OSError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise _Failure(f"cannot write the presets into {args.out}: {e.strerror or e}") from None
     for path in written:
         print(f"wrote {path}")
     groups = ", ".join(f"{p.parent.name}={name}" for p in written)

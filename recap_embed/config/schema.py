@@ -13,7 +13,7 @@ annotation each time it builds a node, which is most of the cost of composing bi
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 

@@ -656,17 +656,21 @@ def write_presets(
         existing = [str(p) for p in targets if p.exists()]
         if existing:
             verb = "exists" if len(existing) == 1 else "exist"
-            raise FileExistsError(f"{', '.join(existing)} already {verb}; pass --overwrite (overwrite=True) to replace")
+            raise PresetExistsError(f"{', '.join(existing)} already {verb}; pass --overwrite (overwrite=True) to replace")
     for target, text in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, text)
     return list(targets)
 
 
+class PresetExistsError(ConfigError, FileExistsError):
+    """A preset to write exists already (and overwrite is off)."""
+
+
 def check_preset_name(name: str) -> None:
-    """Raise ValueError unless `name` can be a Hydra option name (and is not the schema's)."""
+    """Raise ConfigError (a ValueError) unless `name` can be a Hydra option name (and is not the schema's)."""
     if not isinstance(name, str) or not _PRESET_NAME.match(name) or name == "base":
-        raise ValueError(
+        raise ConfigError(
             f"preset name {name!r} is not allowed: use letters, digits, _ and -, not starting with -, "
             "and not 'base' (the schema's option)"
         )

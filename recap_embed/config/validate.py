@@ -41,6 +41,7 @@ from .schema import (
     EmbeddingOptimizerConfig,
     LargeEmbeddingsConfig,
     LearningRate,
+    OptimizerAlgorithm,
     OovPolicy,
     ShardingConfig,
     ShardingType,
@@ -270,6 +271,10 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
             p for p in mine
             if getattr(own, p[0].rsplit(".", 1)[-1], None) != getattr(emb.optimizer, p[0].rsplit(".", 1)[-1], None)
         )
+        inherited = effective_optimizer(emb.optimizer, own)
+        if (own.algorithm != emb.optimizer.algorithm and inherited.algorithm == OptimizerAlgorithm.sgd
+                and own.weight_decay == emb.optimizer.weight_decay and _finite(inherited.weight_decay) and inherited.weight_decay > 0):
+            problems.append((f"{path}.optimizer.algorithm", f"sgd would ignore the weight_decay {inherited.weight_decay!r} it inherits from {prefix}.optimizer; set {path}.optimizer.weight_decay=0 or use adagrad or rowwise_adagrad"))
     for name, keys in names.items():
         if len(keys) > 1:
             problems.append((f"{prefix}.tables", f"table name {name!r} is used by {len(keys)} tables ({', '.join(keys)}); table names must be unique"))
@@ -333,13 +338,15 @@ def _check_shared_features(emb: LargeEmbeddingsConfig, prefix: str, features: Di
 
 
 def _check_optimizer(opt: EmbeddingOptimizerConfig, path: str, device_type: str, problems: Problems, schedule: bool = True) -> None:
-    if opt.init_learning_rate < 0:
-        problems.append((f"{path}.init_learning_rate", f"{opt.init_learning_rate!r} is not allowed; use a learning rate >= 0"))
+    if not _finite(opt.init_learning_rate) or opt.init_learning_rate < 0:
+        problems.append((f"{path}.init_learning_rate", f"{opt.init_learning_rate!r} is not allowed; use a finite learning rate >= 0"))
     for hp in ("eps", "weight_decay"):
-        if getattr(opt, hp) < 0:
-            problems.append((f"{path}.{hp}", f"{getattr(opt, hp)!r} is not allowed; use a value >= 0"))
+        if not _finite(getattr(opt, hp)) or getattr(opt, hp) < 0:
+            problems.append((f"{path}.{hp}", f"{getattr(opt, hp)!r} is not allowed; use a finite value >= 0"))
+    if opt.algorithm == OptimizerAlgorithm.sgd and _finite(opt.weight_decay) and opt.weight_decay > 0:
+        problems.append((f"{path}.weight_decay", f"{opt.weight_decay!r} has no effect with sgd (FBGEMM's fused SGD has no weight decay); set 0, or use adagrad or rowwise_adagrad"))
     for hp in ("beta1", "beta2"):
-        if not 0 <= getattr(opt, hp) < 1:
+        if not _finite(getattr(opt, hp)) or not 0 <= getattr(opt, hp) < 1:
             problems.append((f"{path}.{hp}", f"{getattr(opt, hp)!r} is not allowed; use a value in [0, 1)"))
     _check_optimizer_device(opt, path, device_type, problems)
     if schedule:
@@ -383,8 +390,16 @@ def _check_schedule(lr: LearningRate, path: str, problems: Problems) -> None:
 
 
 def _check_rate(value: float, path: str, problems: Problems) -> None:
-    if value < 0:
-        problems.append((path, f"{value!r} is not allowed; use a learning rate >= 0"))
+    if not _finite(value) or value < 0:
+        problems.append((path, f"{value!r} is not allowed; use a finite learning rate >= 0"))
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is neither inf nor nan (a non-number is reported by the type checks)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
 
 
 def _check_indices(items: Mapping[str, Any], prefix: str, width: Optional[int], what: str, problems: Problems) -> None:

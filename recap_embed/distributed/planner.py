@@ -58,6 +58,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from recap_embed.units import format_bytes
+
 from recap_embed.config import (
     CPU_COMPUTE_KERNELS,
     CPU_SHARDING_TYPES,
@@ -270,6 +272,8 @@ def load_plan_file(path: Union[str, os.PathLike], *, config_path: str = "shardin
         raise ConfigError(f"{where}: file not found; write one with recap-embed-plan or save_plan_file") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, not text
+        raise ConfigError(f"{where}: cannot be read as a plan file ({type(e).__name__}: {e}); give the plan.json recap-embed-plan wrote") from None
     if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
         raise ConfigError(f"{where}: not a plan file (expected \"format\": {PLAN_FORMAT!r})")
     version = doc.get("version")
@@ -833,6 +837,27 @@ def apply_explicit_placements(
     return plan
 
 
+class PlanDoesNotFit(ConfigError):
+    """torchrec's planner found no placement for the tables (a config error: sizes against the cluster)."""
+
+
+def does_not_fit_message(specs: List[TableSpec], topology: Any, prefix: str, world_size: int, device_type: str, error: Exception) -> str:
+    """One message: what the planner said, what the tables need, the largest tables, what to try."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    sizes = sorted(((sum(table_bytes(s)), s) for s in specs), key=lambda t: -t[0])
+    total = sum(b for b, _ in sizes)
+    storage = topology.devices[0].storage
+    cap = f"{format_bytes(storage.hbm)} HBM" if device_type == "cuda" else f"{format_bytes(storage.ddr)} DDR"
+    largest = ", ".join(f"{s.key} ({s.num_embeddings:,} x {s.embedding_dim} {s.data_type.name}: {format_bytes(b)})" for b, s in sizes[:5])
+    return (
+        f"{prefix}: the tables do not fit on {world_size} {device_type} rank{'s' if world_size != 1 else ''} "
+        f"({cap} per rank, {prefix}.{'hbm' if device_type == 'cuda' else 'ddr'}_cap_gb): torchrec's planner found no "
+        f"placement ({first}); weights and optimizer state need {format_bytes(total)}; largest: {largest}; try: more "
+        f"ranks, fp16 weights (embeddings.tables.<name>.data_type=fp16), fewer rows, or see the memory per rank with "
+        f"recap-embed-plan"
+    )
+
+
 def build_plan(
     model: nn.Module,
     sharding_cfg: Any = None,
@@ -880,8 +905,17 @@ def build_plan(
         world_size=world_size, device_type=device_type, local_world_size=local_size, explicit=explicit,
     )
     sharders = get_default_sharders()
-    if pg is not None and world_size > 1:
-        plan = setup.planner.collective_plan(model, sharders, pg)
-    else:
-        plan = setup.planner.plan(model, sharders)
+    from torchrec.distributed.planner.types import PlannerError
+
+    try:
+        if pg is not None and world_size > 1:
+            plan = setup.planner.collective_plan(model, sharders, pg)
+        else:
+            plan = setup.planner.plan(model, sharders)
+    except PlannerError as e:
+        raise PlanDoesNotFit(does_not_fit_message(specs, setup.topology, prefix, world_size, device_type, e)) from None
+    except RuntimeError as e:
+        if "No available sharding type and compute kernel combination" not in str(e):
+            raise
+        raise ConfigError(f"{prefix}: {str(e).splitlines()[0]} (check {prefix}.sharding_types, {prefix}.compute_kernels and {prefix}.tables)") from None
     return apply_explicit_placements(plan, model, explicit, world_size=world_size, device_type=device_type, local_world_size=local_size)

@@ -44,7 +44,6 @@ from recap_embed.config import (
     CPU_SHARDING_TYPES,
     ComputeKernel,
     ConfigValidationError,
-    DataType,
     OptimizerAlgorithm,
     ParsedConfig,
     ShardingType,
@@ -113,6 +112,8 @@ def shard(
         local_world_size=local_size, pg=pg, explicit=explicit,
     )
     _check_plan(plan, prefix, dev.type)
+    _check_weight_decay(plan, modules, dev.type)
+    _check_memory(plan, modules, dev, world_size, local_size, pg)
     _warn_rowwise_state_on_column_shards(plan, modules)
     model = DistributedModelParallel(
         module,
@@ -179,6 +180,38 @@ def _check_plan(plan: Any, prefix: str, device_type: str) -> None:
            for path, module_plan in plan.plan.items() for name, ps in module_plan.items() if ps.sharding_type not in cpu]
     if bad:
         raise ConfigValidationError(bad)
+
+
+def _check_weight_decay(plan: Any, modules: List[Tuple[str, Any]], device_type: str) -> None:
+    """Fused tables whose weight decay the kernel would ignore are refused (every rank has the same
+    plan, so every rank raises alike)."""
+    from recap_embed.optim.weight_decay import check_fused_weight_decay
+
+    fused = []
+    for path, le in modules:
+        module_plan = plan.plan.get((f"{path}." if path else "") + "ebc", {})
+        fused += [s for s in le.specs if s.name in module_plan and module_plan[s.name].compute_kernel != ComputeKernel.dense.value]
+    check_fused_weight_decay(fused, device_type)
+
+
+def _check_memory(plan: Any, modules: List[Tuple[str, Any]], device: torch.device, world_size: int, local_size: int, pg: Any) -> None:
+    """The shards fit this host's RAM (CPU) or each rank's GPU, before DMP allocates them; every
+    rank raises alike (one all_gather) so none is left waiting in DMP's collectives."""
+    from .memory import MemoryDoesNotFit, check_local_memory
+
+    specs = {f"{(path + '.') if path else ''}ebc/{s.name}": (s.path, s) for path, le in modules for s in le.specs}
+    rank = pg.rank() if hasattr(pg, "rank") else (dist.get_rank() if dist.is_initialized() else 0)
+    message = None
+    try:
+        check_local_memory(plan, specs, device=device, world_size=world_size, local_size=local_size, rank=rank)
+    except MemoryDoesNotFit as e:
+        message = str(e)
+    if world_size > 1:
+        messages: List[Any] = [None] * world_size
+        dist.all_gather_object(messages, message, group=pg)
+        message = next((m for m in messages if m), None)
+    if message:
+        raise MemoryDoesNotFit(message)
 
 
 _ROWWISE_STATE = (OptimizerAlgorithm.rowwise_adagrad, OptimizerAlgorithm.partial_rowwise_adam)

@@ -69,7 +69,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,8 @@ from torchsnapshot import RNGState, Snapshot
 from torchsnapshot.flatten import flatten, inflate
 from torchsnapshot.knobs import get_slab_size_threshold_bytes, is_batching_disabled
 from torchsnapshot.manifest import ChunkedTensorEntry, ObjectEntry, PrimitiveEntry, ShardedTensorEntry, TensorEntry
+
+from recap_embed.errors import UserError
 
 from .pretrained import (
     DEFAULT_CHUNK_BYTES,
@@ -111,8 +113,8 @@ COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
-class CheckpointError(SnapshotLoadError):
-    """A checkpoint cannot be written, found or restored."""
+class CheckpointError(SnapshotLoadError, UserError):
+    """A checkpoint cannot be written, found or restored (files, space, contents: reported as one line)."""
 
 
 # --------------------------------------------------------------------------- paths
@@ -196,12 +198,16 @@ def save_checkpoint(
     asynchronous: bool = False,
     pg: Any = None,
     replicated: Optional[List[str]] = None,
+    write_extra: Optional[Callable[[Path], None]] = None,
 ) -> Union[Path, "PendingCheckpoint"]:
     """Save `app_state` as ``<directory>/step_<step>``; collective (call on every rank).
 
     Returns the checkpoint's path, or with ``asynchronous=True`` a `PendingCheckpoint` whose
     ``wait()`` (also collective) completes it and returns the path. An existing complete
-    ``step_<step>`` is an error; a leftover incomplete one is replaced.
+    ``step_<step>`` is an error; a leftover incomplete one is replaced. `write_extra(dir)` runs on
+    rank 0 before the checkpoint is marked complete (files that belong with it). A save that fails
+    on any rank (a full disk, a file size limit) removes its partial directory and raises
+    `CheckpointError` on every rank, naming the directory and the free space left.
     """
     step = int(step)
     if step < 0:
@@ -222,20 +228,65 @@ def save_checkpoint(
     _rank0_then_all(prepare, pg)
     _, world = _rank_world(pg)
     started = time.perf_counter()
+    error: Optional[BaseException] = None
+    pending = None
+    try:
+        if asynchronous:
+            # torchsnapshot infers replication from DDP instances: do it before wrapping them
+            inferred = Snapshot._infer_replicated(list(replicated or []), app_state)
+            staged = {k: v if isinstance(v, RNGState) else _Frozen(v) for k, v in app_state.items()}
+            pending = Snapshot.async_take(str(tmp), app_state=staged, pg=pg, replicated=inferred)
+        else:
+            Snapshot.take(str(tmp), app_state=app_state, pg=pg, replicated=replicated)
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it, and the partial dir must go
+        error = e
+    if error is not None or not asynchronous:
+        _agree_or_clean(error, tmp, final, pg)
     if asynchronous:
-        # torchsnapshot infers replication from DDP instances: do it before wrapping them
-        inferred = Snapshot._infer_replicated(list(replicated or []), app_state)
-        staged = {k: v if isinstance(v, RNGState) else _Frozen(v) for k, v in app_state.items()}
-        pending = Snapshot.async_take(str(tmp), app_state=staged, pg=pg, replicated=inferred)
-        return PendingCheckpoint(pending, tmp, final, step, world, pg, started)
-    Snapshot.take(str(tmp), app_state=app_state, pg=pg, replicated=replicated)
-    return _commit(tmp, final, step, world, pg, started)
+        return PendingCheckpoint(pending, tmp, final, step, world, pg, started, write_extra)
+    return _commit(tmp, final, step, world, pg, started, write_extra)
 
 
-def _commit(tmp: Path, final: Path, step: int, world: int, pg: Any, started: float) -> Path:
+def _free_space(path: Path) -> str:
+    """'12.0 MiB free of 1.0 GiB' on the file system holding `path` (its nearest existing parent)."""
+    from recap_embed.units import format_bytes
+
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return "free space unknown"
+    return f"{format_bytes(usage.free)} free of {format_bytes(usage.total)}"
+
+
+def _agree_or_clean(error: Optional[BaseException], tmp: Path, final: Path, pg: Any) -> None:
+    """When any rank failed to write: rank 0 removes the partial directory, every rank raises."""
+    failed: Optional[BaseException] = None
+    try:
+        agree(error, pg, enabled=collective(pg))
+    except Exception as e:  # noqa: BLE001
+        failed = e
+    if failed is None:
+        return
+    rank, _ = _rank_world(pg)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cause = " ".join(f"{type(failed).__name__}: {failed}".split())
+    raise CheckpointError(
+        f"saving checkpoint {final} failed ({cause}); its partial directory {tmp} was removed; "
+        f"{_free_space(final.parent)} on that file system"
+    ) from None
+
+
+def _commit(tmp: Path, final: Path, step: int, world: int, pg: Any, started: float,
+            write_extra: Optional[Callable[[Path], None]] = None) -> Path:
     def rename() -> str:
         if not (tmp / ".snapshot_metadata").is_file():
             raise CheckpointError(f"{tmp}: the snapshot has no manifest after writing")
+        if write_extra is not None:
+            write_extra(tmp)
         marker = tmp / COMPLETE_MARKER
         with open(marker, "w") as f:
             json.dump({"step": step, "world_size": world, "time": time.time()}, f)
@@ -252,7 +303,15 @@ def _commit(tmp: Path, final: Path, step: int, world: int, pg: Any, started: flo
             pass
         return str(final)
 
-    path = Path(_rank0_then_all(rename, pg))
+    try:
+        path = Path(_rank0_then_all(rename, pg))
+    except CheckpointError as e:
+        if _rank_world(pg)[0] == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"saving checkpoint {final} failed ({e}); its partial directory {tmp} was removed; "
+            f"{_free_space(final.parent)} on that file system"
+        ) from None
     logger.info("saved checkpoint %s in %.2f s", path, time.perf_counter() - started)
     return path
 
@@ -268,6 +327,7 @@ class PendingCheckpoint:
     world: int
     pg: Any
     started: float
+    write_extra: Optional[Callable[[Path], None]] = None
     path: Optional[Path] = None  # set once committed
 
     def done(self) -> bool:
@@ -282,9 +342,9 @@ class PendingCheckpoint:
         try:
             self.pending.wait()
         except Exception as e:  # noqa: BLE001
-            error = CheckpointError(f"asynchronous checkpoint {self.final} failed: {e}")
-        agree(error, self.pg, enabled=collective(self.pg))
-        self.path = _commit(self.tmp, self.final, self.step, self.world, self.pg, self.started)
+            error = e
+        _agree_or_clean(error, self.tmp, self.final, self.pg)
+        self.path = _commit(self.tmp, self.final, self.step, self.world, self.pg, self.started, self.write_extra)
         return self.path
 
 

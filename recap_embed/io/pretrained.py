@@ -72,7 +72,11 @@ and the config path (``<table path>.pretrained``) unless ``allow_partial_rows`` 
 first ``min(rows)`` rows are copied, the others keep their initial values, and a warning is
 logged (logger ``recap_embed.io.pretrained``). A different embedding dim is always an error.
 
-Security. The manifest is YAML read with ``yaml.CSafeLoader`` (no objects). Data files of tensor
+Security. Every file location the manifest names (and the manifest itself) must stay inside the
+snapshot directory after resolving symlinks: an absolute location, ``..`` or a symlink leading out
+is refused naming the entry, when the snapshot is opened and again at each read. Float tensors
+read are checked finite (nan/inf refused before they are copied). The manifest is YAML read with
+``yaml.CSafeLoader`` (no objects). Data files of tensor
 entries are raw bytes (``buffer_protocol``), read here into a uint8 buffer viewed as the entry's
 dtype; nothing is unpickled. torchsnapshot itself unpickles two things: ``ObjectEntry`` (any non-tensor,
 non-primitive value, e.g. ``None``, a tuple, a custom object, saved with ``torch.save``) and
@@ -120,6 +124,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "check_pretrained",
     "LoadReport",
+    "NonFiniteSnapshotError",
     "PretrainedError",
     "SnapshotLoadError",
     "SnapshotReadError",
@@ -152,6 +157,10 @@ class SnapshotReadError(SnapshotLoadError, UserError):
 
 class PretrainedError(SnapshotLoadError, UserError):
     """The snapshot does not hold what the config asks for (name, shape, entry type)."""
+
+
+class NonFiniteSnapshotError(SnapshotReadError):
+    """A tensor read from a snapshot holds nan or inf."""
 
 
 @dataclass(frozen=True)
@@ -251,6 +260,9 @@ class SnapshotReader:
                     f"{self.uri!r} is not a complete torchsnapshot: it has no {METADATA_FILE} "
                     "(the wrong directory, or a snapshot whose writing did not finish)"
                 )
+            self._real_root = os.path.realpath(root) if root is not None else None
+            if root is not None:
+                self.confined(METADATA_FILE, "the manifest")
             try:
                 self._storage = url_to_storage_plugin_in_event_loop(self.uri, self._loop, storage_options)
             except Exception as e:  # noqa: BLE001 - unknown protocol, missing client library, ...
@@ -260,15 +272,17 @@ class SnapshotReader:
                 self.metadata = SnapshotMetadata.from_yaml(raw.decode("utf-8"))
             except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt manifest
                 raise SnapshotReadError(f"snapshot {self.uri!r}: its manifest {METADATA_FILE} is corrupt: {e}") from None
+            self.world_size = int(self.metadata.world_size)
+            # logical path -> {rank: entry}
+            self._by_path: Dict[str, Dict[int, Entry]] = defaultdict(dict)
+            for key, entry in self.metadata.manifest.items():
+                for location in entry_locations(entry):
+                    self.confined(location, key)
+                rank, _, logical = key.partition("/")
+                self._by_path[logical][int(rank)] = entry
         except BaseException:
             self.close()
             raise
-        self.world_size = int(self.metadata.world_size)
-        # logical path -> {rank: entry}
-        self._by_path: Dict[str, Dict[int, Entry]] = defaultdict(dict)
-        for key, entry in self.metadata.manifest.items():
-            rank, _, logical = key.partition("/")
-            self._by_path[logical][int(rank)] = entry
 
     # -- lifecycle
     def close(self) -> None:
@@ -286,8 +300,35 @@ class SnapshotReader:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    # -- confinement
+    def confined(self, location: Any, entry: str) -> str:
+        """The path to open for `location`, which must stay inside the snapshot; else SnapshotReadError.
+
+        A manifest names its files relative to the snapshot. An absolute location, one that climbs
+        out with ``..``, or (local snapshots) one whose real path leaves the snapshot's real
+        directory through a symlink would make the reader return bytes from elsewhere as the
+        table's weights: refused, naming the entry.
+        """
+        text = str(location)
+        parts = text.replace("\\", "/").split("/")
+        escapes = (
+            not isinstance(location, str) or not text or "\x00" in text or os.path.isabs(text)
+            or text.startswith(("/", "\\")) or ".." in parts or (len(text) > 1 and text[1] == ":")
+        )
+        root = _local_root(self.uri)
+        if not escapes and root is not None:
+            real = os.path.realpath(os.path.join(root, text))
+            escapes = os.path.commonpath([real, self._real_root]) != self._real_root
+        if escapes:
+            raise SnapshotReadError(
+                f"snapshot {self.uri!r}: entry {entry!r} points at {text!r}, outside the snapshot directory "
+                "(an absolute path, '..' or a symlink that leaves it); refusing to read it"
+            )
+        return os.path.join(root, text) if root is not None else text
+
     # -- raw reads
     def _read(self, location: str, byte_range: Optional[Tuple[int, int]]) -> bytes:
+        self.confined(location, location)
         rio = ReadIO(path=location, byte_range=byte_range)
         try:
             self._storage.sync_read(rio, event_loop=self._loop)
@@ -328,7 +369,7 @@ class SnapshotReader:
             return
         got = 0
         try:
-            with open(os.path.join(root, location), "rb", buffering=0) as f:
+            with open(self.confined(location, location), "rb", buffering=0) as f:
                 f.seek(start)
                 while got < n:
                     k = f.readinto(out[got:])
@@ -358,7 +399,7 @@ class SnapshotReader:
             if end == 0:
                 continue
             if root is not None:
-                path = os.path.join(root, location)
+                path = self.confined(location, location)
                 try:
                     size = os.path.getsize(path)
                 except OSError:
@@ -506,6 +547,17 @@ class SnapshotReader:
             elif len(comps) == 2:
                 names.add(last)
         return sorted(names)
+
+
+def entry_locations(entry: Entry) -> List[Any]:
+    """Every file location a manifest entry reads (containers and primitives read none)."""
+    if isinstance(entry, ShardedTensorEntry):
+        return [s.tensor.location for s in entry.shards]
+    if isinstance(entry, ChunkedTensorEntry):
+        return [c.tensor.location for c in entry.chunks]
+    if isinstance(entry, (TensorEntry, ObjectEntry)):
+        return [entry.location]
+    return []
 
 
 def _ebc_table(key: str) -> Optional[str]:
@@ -683,9 +735,14 @@ def _dest_view(target: torch.Tensor, region_offsets: Tuple[int, ...], task: _Tas
     return v
 
 
-def read_into(reader: SnapshotReader, plan: CopyPlan, *, chunk_bytes: int, staging: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def read_into(
+    reader: SnapshotReader, plan: CopyPlan, *, chunk_bytes: int, staging: bool, require_finite: bool = True
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Read every block of `plan`, into staging buffers (returned as (fill, staged) pairs to commit)
-    or straight into the destination (returns []). Sets ``plan.expected``."""
+    or straight into the destination (returns []). Sets ``plan.expected``.
+
+    With `require_finite`, a float block holding nan or inf raises `NonFiniteSnapshotError` before
+    it is copied (a table of NaNs would train to NaN without a word)."""
     staged = []
     plan.expected = []
     before = reader.bytes_read
@@ -697,6 +754,8 @@ def read_into(reader: SnapshotReader, plan: CopyPlan, *, chunk_bytes: int, stagi
             for task in tasks:
                 for r, src in _blocks(reader, task, chunk_bytes):
                     conv = src if src.dtype == target.dtype else src.to(target.dtype)
+                    if require_finite and conv.is_floating_point():
+                        _check_finite(conv, plan.source, r)
                     expected += checksum(conv)
                     _dest_view(target, region.offsets, task, r, src.shape[0]).copy_(conv)
                     del src, conv
@@ -705,6 +764,19 @@ def read_into(reader: SnapshotReader, plan: CopyPlan, *, chunk_bytes: int, stagi
                 staged.append((fill, target))
     plan.bytes_read += reader.bytes_read - before
     return staged
+
+
+def _check_finite(block: torch.Tensor, source: SourceTensor, first_row: int) -> None:
+    finite = torch.isfinite(block)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    rows = (~finite).reshape(block.shape[0], -1).any(dim=1).nonzero().flatten() + first_row
+    raise NonFiniteSnapshotError(
+        f"snapshot {source.uri!r}: {source.describe} holds {bad} non-finite value(s) (nan or inf) in rows "
+        f"{rows[:5].tolist()}{' ...' if rows.numel() > 5 else ''}; refusing to load them (a model trained from "
+        f"them is NaN): use another snapshot"
+    )
 
 
 def commit(staged: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -31,6 +30,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recap_embed.config.schema import OovPolicy
+from recap_embed.errors import UserError
 
 __all__ = ["Vocab", "VocabError", "VocabMapper", "hash_ids", "save_vocab"]
 
@@ -48,7 +48,7 @@ _SORT_THRESHOLD = 4096
 _SHOW = 5  # ids shown in an error message
 
 
-class VocabError(ValueError):
+class VocabError(UserError, ValueError):
     """A vocab that cannot be used, or an id it cannot map; the message says what to change."""
 
 
@@ -344,6 +344,17 @@ class Vocab:
     def oov_row(self) -> int:
         """R: the first row after the vocab rows, where the reserved OOV rows start."""
         return self.max_row + 1
+
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """``{"entries", "sha256"}`` of the (id, row) pairs in id order: equal iff every id has the same row.
+        Checkpoints record it, so rows are never loaded under another vocabulary."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(self._ids.numpy(), dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self._rows.numpy(), dtype=np.int64).tobytes())
+        return {"entries": int(self._ids.numel()), "sha256": digest.hexdigest()}
 
     @property
     def required_rows(self) -> int:

@@ -43,6 +43,8 @@ from recap_embed.config import (
 )
 from recap_embed.config.resolve import to_container
 
+from .names import check_module_names
+
 __all__ = ["LargeEmbeddings", "DATA_TYPES", "POOLING_TYPES", "resolve_rows", "torchrec_config"]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,7 @@ class LargeEmbeddings(nn.Module):
         tables_to_log = spec.tables_to_log
         is_weighted = spec.is_weighted
         self.parsed = spec
+        check_module_names((s.path, s.name) for s in specs)
         self.vocabs: Dict[str, Any] = {}
         self.specs: List[TableSpec] = [self._resolve_rows(s, num_embeddings_override or {}) for s in specs]
         self.is_weighted = bool(is_weighted)

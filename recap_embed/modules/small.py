@@ -15,6 +15,9 @@ from torch import nn
 
 from recap_embed.config import ConfigError, ParsedConfig, SmallEmbeddingsConfig, SmallTableSpec, validate
 from recap_embed.config.resolve import config_prefix
+from recap_embed.errors import UserError
+
+from .names import check_module_names
 
 __all__ = ["SmallEmbeddings", "SmallEmbeddingsError", "SmallTable"]
 
@@ -24,8 +27,9 @@ SECTION = "small_embeddings"
 _QUOTED = 5
 
 
-class SmallEmbeddingsError(IndexError):
-    """An input the tables cannot look up: an id out of range, or too few columns."""
+class SmallEmbeddingsError(IndexError, UserError):
+    """An input the tables cannot look up: an id out of range, or too few columns (a data error:
+    reported as one line by the console scripts)."""
 
 
 #: One small table with its defaults applied (the config layer's parsed form).
@@ -82,6 +86,7 @@ class SmallEmbeddings(nn.Module):
     ) -> None:
         super().__init__()
         self.tables: Tuple[SmallTable, ...] = small_tables(tables, path, num_discrete_features)
+        check_module_names((t.path, t.name) for t in self.tables)
         self.check_ids = check_ids
         self.path = path
         self.embeddings = nn.ModuleDict({t.name: nn.Embedding(t.num_embeddings, t.embedding_dim) for t in self.tables})

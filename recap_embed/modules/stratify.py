@@ -28,6 +28,7 @@ from torchmetrics.classification import BinaryPrecisionRecallCurve
 
 from recap_embed.config import ConfigError, ParsedConfig, StratifiersConfig, StratumSpec, validate
 from recap_embed.config.resolve import config_prefix
+from recap_embed.errors import UserError
 from recap_embed.modules.small import section_of
 
 __all__ = ["StratifiedMetric", "StratifiedMetrics", "Stratifier", "Stratifiers", "StratifierError", "metric_name"]
@@ -37,8 +38,8 @@ SECTION = "stratifiers"
 MetricLike = Union[Metric, Callable[[], Metric]]
 
 
-class StratifierError(IndexError):
-    """Discrete features too narrow for a stratifier's column."""
+class StratifierError(IndexError, UserError):
+    """Discrete features too narrow for a stratifier's column (a data error)."""
 
 
 #: One stratum with its name resolved (the config layer's parsed form).

@@ -39,6 +39,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 
 from recap_embed.config import ConfigError, EmbeddingOptimizerConfig, OptimizerAlgorithm, TableSpec
 
+from .weight_decay import weight_decay_mode
+
 __all__ = [
     "FUSED_OPTIMIZER_CLASSES",
     "DENSE_OPTIMIZER_CLASSES",
@@ -87,7 +89,8 @@ def fused_optimizer_args(opt: EmbeddingOptimizerConfig) -> Tuple[Type[torch.opti
     """The class and kwargs `_apply_optimizer_in_backward` takes for one table (FBGEMM names).
 
     ``lr`` becomes FBGEMM's ``learning_rate``; ``weight_decay`` is an L2 penalty (FBGEMM
-    ``WeightDecayMode.L2``), ignored by sgd as in the config schema. ``_batch_key`` keeps tables
+    ``WeightDecayMode.L2``; sgd has none and `validate` refuses it there, and `shard` refuses it
+    where the kernel would ignore it, see `recap_embed.optim.weight_decay`). ``_batch_key`` keeps tables
     with different schedules in different kernels.
     """
     algorithm = OptimizerAlgorithm(opt.algorithm)
@@ -96,10 +99,8 @@ def fused_optimizer_args(opt: EmbeddingOptimizerConfig) -> Tuple[Type[torch.opti
     if algorithm is not OptimizerAlgorithm.sgd:
         kwargs["eps"] = float(opt.eps)
         if opt.weight_decay:
-            from fbgemm_gpu.split_embedding_configs import WeightDecayMode  # CPU and CUDA builds
-
             kwargs["weight_decay"] = float(opt.weight_decay)
-            kwargs["weight_decay_mode"] = WeightDecayMode.L2
+            kwargs["weight_decay_mode"] = weight_decay_mode().L2
     if algorithm in (OptimizerAlgorithm.adam, OptimizerAlgorithm.partial_rowwise_adam, OptimizerAlgorithm.lamb):
         kwargs["beta1"] = float(opt.beta1)
         kwargs["beta2"] = float(opt.beta2)

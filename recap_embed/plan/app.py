@@ -9,14 +9,21 @@ torch is imported only when a job runs: `--help`, `--cfg job` and `--info` stay 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from typing import Iterator
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from recap_embed.config.errors import ConfigError
+
 import recap_embed.config  # noqa: F401  (registers the groups)
+from recap_embed.cli import hydra_guards
 import recap_embed.plan.config  # noqa: F401  (registers the app's schema)
 
 log = logging.getLogger("recap_embed.plan")
@@ -28,6 +35,38 @@ class _DropDataParallelNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Sharding spec not found for")
+
+
+hydra_guards.install()  # bounded config files; the allowlist for what Hydra builds itself
+
+
+class PlanTimeout(ConfigError):
+    """Planning ran past `timeout_s`."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, cfg: DictConfig) -> Iterator[None]:
+    """Stop the planner after `seconds` (SIGALRM; main thread only; 0: no limit) with one message."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        topo = cfg.get("topology") or {}
+        tables = len((cfg.get("embeddings") or {}).get("tables") or {})
+        raise PlanTimeout(
+            f"timeout_s: planning {tables} tables for topology.world_size={topo.get('world_size')} did not finish within "
+            f"{seconds:g} s; constrain the search (sharding.sharding_types, sharding.tables.<t>.sharding_types), plan "
+            f"fewer ranks, or raise timeout_s"
+        )
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @hydra.main(config_path=None, config_name="recap_embed_plan", version_base=None)
@@ -49,7 +88,8 @@ def main(cfg: DictConfig) -> float:
         finally:
             root.setLevel(level)
 
-        report = plan_report(cfg)
+        with time_limit(float(cfg.get("timeout_s") or 0), cfg):
+            report = plan_report(cfg)
         paths = report.save(output_dir)
         print(report.format(max_rows=int(cfg.get("max_rows") or 0) or None), flush=True)
         log.info("wrote %s and %s; train with sharding.plan_file=%s", paths["plan.json"], paths["plan.txt"], paths["plan.json"])

@@ -46,6 +46,7 @@ class PlanAppConfig:
 
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     max_rows: int = 40  # table and rank rows printed on the console (plan.txt holds them all); 0: all
+    timeout_s: float = 300.0  # planning that takes longer stops with exit status 2 (every input ends)
     embeddings: Any = MISSING
     sharding: Any = MISSING
 

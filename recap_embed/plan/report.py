@@ -52,6 +52,8 @@ from recap_embed.distributed.planner import (
     table_bytes,
 )
 
+from recap_embed.units import format_bytes
+
 from .config import DEFAULT_LOCAL_WORLD_SIZE, TopologyConfig
 
 __all__ = ["PlanDoesNotFitError", "PlanReport", "RankRow", "TableRow", "format_bytes", "plan_report"]
@@ -251,18 +253,6 @@ class PlanReport:
                 f"{'HBM' if cuda else 'DDR'} per rank min/max {format_bytes(min(used))}/{format_bytes(max(used))}",
             ]
         return "\n".join(lines)
-
-
-def format_bytes(n: Union[int, float]) -> str:
-    """1,023 B, 6.5 MiB, 68.0 GiB, 21.7 TiB."""
-    n = float(n)
-    if abs(n) < 1024:
-        return f"{int(n):,} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}"
-    raise AssertionError  # pragma: no cover
 
 
 def format_ranks(ranks: Sequence[int]) -> str:

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import recap_embed.config  # noqa: F401  (registers the groups)
+from recap_embed.cli import hydra_guards
 from recap_embed.errors import current_rank
 import recap_embed.train.config  # noqa: F401  (registers the app's schema)
 
@@ -37,34 +38,9 @@ def _quiet_other_ranks() -> None:
     root.setLevel(logging.WARNING)
 
 
-def _compact_yaml_errors() -> None:
-    """Report a YAML syntax error in a config file as one message, not Hydra's traceback.
-
-    Hydra 1.3 loads config files before the app runs and prints anything but its own composition
-    errors with the whole stack; a typo in a user's preset is a bad input like any other. Only
-    this app's process is affected; without the Hydra internals this relies on, nothing changes.
-    """
-    try:
-        import yaml
-        from hydra._internal.config_repository import ConfigRepository
-        from hydra.errors import ConfigCompositionException
-    except ImportError:  # pragma: no cover - another Hydra layout
-        return
-    load = ConfigRepository.load_config
-    if getattr(load, "_recap_embed", False):
-        return
-
-    def load_config(self, config_path):  # type: ignore[no-untyped-def]
-        try:
-            return load(self, config_path)
-        except yaml.YAMLError as e:
-            raise ConfigCompositionException(f"{config_path} is not valid YAML: {' '.join(str(e).split())}") from e
-
-    load_config._recap_embed = True  # type: ignore[attr-defined]
-    ConfigRepository.load_config = load_config  # type: ignore[method-assign]
-
-
-_compact_yaml_errors()
+# Bounded config files, one-line YAML errors, the allowlist for what Hydra builds itself
+# (hydra.callbacks, logging): this app's process only.
+hydra_guards.install(lock_run_dir=True)
 
 
 @hydra.main(config_path=None, config_name="recap_embed_train", version_base=None)

@@ -136,7 +136,10 @@ class TrainingConfig:
     # they gain (see README, "Threads"). null: torch's default (all cores).
     threads: Optional[int] = 1
     log_every: int = 250  # steps between table statistics
-    checkpoint: bool = True  # save a final torchsnapshot checkpoint
+    checkpoint: bool = True  # save torchsnapshot checkpoints (periodic and final)
+    checkpoint_every: int = 1000  # steps between checkpoints (0: the final one only)
+    keep_checkpoints: int = 2  # newest checkpoints kept in the run dir (older ones are removed)
+    resume: bool = True  # a rerun into the same run dir continues from its latest checkpoint; false: start afresh
     checkpoint_async: bool = False
     progress: bool = True  # progress bar on rank 0
     dense_optimizer: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)

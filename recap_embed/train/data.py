@@ -28,6 +28,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recap_embed.io.vocab import hash_ids, save_vocab
 
+from .fingerprint import DATA_FINGERPRINT, check_data_fingerprint, data_fingerprint
+
 LABEL = "click"
 
 
@@ -71,7 +73,9 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
     already complete it is reused (a second process waiting on the same dir sees it whole).
     """
     out_dir = Path(out_dir)
+    fingerprint = data_fingerprint(cfg, seed)
     if (out_dir / "COMPLETE").exists():
+        check_data_fingerprint(out_dir, fingerprint)  # reused only with the settings that made it
         return out_dir
     rng = np.random.default_rng(seed)
     users, items, k = cfg.num_users, cfg.num_items, cfg.num_factors
@@ -125,6 +129,7 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
         # Rows are a seeded permutation: nothing about a row index reveals the entity.
         save_vocab(tmp / "vocab" / "user", user_raw, rng.permutation(users))
         save_vocab(tmp / "vocab" / "item", item_raw, rng.permutation(items))
+        (tmp / DATA_FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
         (tmp / "COMPLETE").write_text("ok\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data is for every rank and user
         try:
@@ -132,6 +137,7 @@ def generate_synthetic(out_dir: Path, cfg, seed: int) -> Path:
         except OSError:  # another process finished first: keep theirs
             if not (out_dir / "COMPLETE").exists():
                 raise
+            check_data_fingerprint(out_dir, fingerprint)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

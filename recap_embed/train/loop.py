@@ -5,6 +5,7 @@ Every rank runs it; files are written by rank 0 only (the checkpoint by all rank
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 import logging
@@ -25,17 +26,27 @@ from recap_embed.config import ConfigError, ParsedConfig, table_specs, validate
 from recap_embed.errors import RANK_FAILURES
 from recap_embed.files import atomic_write_text
 from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
+from recap_embed.cli.hydra_guards import app_allowed_targets
 from recap_embed.instantiate import build, check_targets
-from recap_embed.io.checkpoint import PendingCheckpoint, restore_checkpoint, save_checkpoint
+from recap_embed.io.checkpoint import restore_checkpoint
 from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
 from recap_embed.io.vocab import Vocab, VocabMapper
 from recap_embed.modules import StratifiedMetrics, Stratifiers, table_stats
+from recap_embed.modules.names import check_module_names
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
 from . import derive
 from .config import DataSource, ValidationMetric
 from .data import Batch, Examples, batches, generate_synthetic, num_batches, oracle_auroc
+from .fingerprint import check_warm_start_vocabs, read_checkpoint_info, vocab_fingerprint
+from .guards import (
+    check_dense_memory, check_examples, check_loss, check_output_dir, check_settings, check_weights_finite, dense_optimizer_class,
+)
 from .keep_best import KeepBest
+from .resume import (
+    CheckpointPolicy, RunDirLock, final_metrics, materialize_dense_state, progress_state, read_progress, resume_point, supersede,
+)
+from .stop import StepAgreement, StopRequested, StopSignals
 from .model import RecapModel
 from .own_data import Columns, DataError, DiscreteCodes, read_split
 
@@ -106,17 +117,18 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> ParsedConfig
     """Every check that needs neither data nor tables, before anything is generated or built:
     `_target_`s against the allowlist, the config's rules, the features tables read and the
     pretrained snapshots (manifests and file sizes). Returns the parsed config every builder takes."""
-    check_targets(cfg, list(cfg.get("allowed_targets") or []))
+    check_targets(cfg, app_allowed_targets(cfg))
     parsed = validate(cfg, device=str(device), num_discrete_features=len(cfg.data.discrete_columns))
+    check_settings(cfg)
     if cfg.train.batch_size % world:
-        raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
     fraction = cfg.data.validation_fraction
     if not 0 <= fraction < 1:
         raise ConfigError(f"data.validation_fraction: {fraction} is not allowed; use a share of the training rows in [0, 1) (0: no validation split)")
     Columns.from_config(cfg.data).check_distinct()
     _keep_best_from(cfg.train)  # its settings, checked
     assert parsed.embeddings is not None
-    specs = parsed.embeddings.tables
+    specs = list(parsed.embeddings.tables)
     for spec in specs:
         unknown = [f for f in spec.feature_names if f not in SPARSE_FEATURES]
         if unknown:
@@ -124,7 +136,9 @@ def preflight(cfg: DictConfig, device: torch.device, world: int) -> ParsedConfig
                 f"{spec.path}: reads feature(s) {unknown}, which the training data does not have; the data's "
                 f"features: {', '.join(SPARSE_FEATURES)} (set feature_names, or remove the table with ~{spec.path})"
             )
-    check_pretrained(list(specs))
+    check_module_names((s.path, s.name) for s in specs)
+    check_dense_memory(cfg, specs, list(parsed.small_embeddings or ()), device)
+    check_pretrained(specs)
     return parsed
 
 
@@ -148,7 +162,7 @@ def prepare_data(cfg: DictConfig, rank: int) -> Tuple[Dict[str, Examples], Discr
         train_path, eval_path = str(Path(data.dir) / "train.parquet"), str(Path(data.dir) / "eval.parquet")
     else:
         if not data.train_path or not data.eval_path:
-            raise ValueError("data.source=parquet needs data.train_path and data.eval_path (parquet files or directories)")
+            raise ConfigError("data.source=parquet needs data.train_path and data.eval_path (parquet files or directories)")
         train_path, eval_path = str(data.train_path), str(data.eval_path)
     columns = Columns.from_config(data)
     tables = {"train": read_split(train_path, columns, "data.train_path"), "eval": read_split(eval_path, columns, "data.eval_path")}
@@ -204,7 +218,11 @@ class Trainer:
         init_distributed(self.device.type)
         self.rank, self.world = rank_and_world()
         self.threads, self.built_vocabs, self.parsed = all_ranks(self._preflight)
-        self.allowed_targets = list(cfg.get("allowed_targets") or [])
+        self.allowed_targets = app_allowed_targets(cfg)
+        # One run per run dir; a rerun continues from its latest checkpoint (or starts afresh).
+        self.lock = RunDirLock(self.output_dir)
+        all_ranks(self._claim_run_dir)
+        self.resume_from = resume_point(self.output_dir, bool(cfg.train.resume)) if cfg.train.checkpoint else None
         torch.manual_seed(cfg.train.seed)
         self.examples, self.codes, self.unseen = all_ranks(prepare_data, cfg, self.rank)
         self.derived_small, self.derived_strata = all_ranks(self._derive)
@@ -214,6 +232,7 @@ class Trainer:
         # pay for it (the mapper would do the same per batch; see BENCHMARKS.md, section 7).
         self.oov: Dict[str, Dict[str, float]] = {}
         self.examples = {split: self._to_rows(split, examples) for split, examples in self.examples.items()}
+        self.vocab_fingerprints = {s.name: (vocab_fingerprint(large.vocabs[s.name]) if s.name in large.vocabs else None) for s in large.specs}
         model = RecapModel(large, small, list(cfg.model.hidden), cfg.model.interaction)
         self.model = shard(model, self.parsed, device=self.device)
         self.specs = large.specs
@@ -222,7 +241,7 @@ class Trainer:
         # the job stops, and the snapshot was checked (manifest, names, shapes, sizes) beforehand.
         self.pretrained = load_pretrained(self.model, self.specs, staging=False)
         dense = cfg.train.dense_optimizer
-        dense_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[dense.name]
+        dense_cls = dense_optimizer_class(dense.name)
         self.optimizer = combined_optimizer(self.model, lambda params: dense_cls(params, lr=dense.lr, weight_decay=dense.weight_decay))
         self.scheduler = EmbeddingLRScheduler(self.model, self.optimizer)
         if self.derived_strata is not None:
@@ -238,8 +257,19 @@ class Trainer:
         self.validation_metrics = StratifiedMetrics({"auroc": BinaryAUROC(), "loss": MeanMetric()}, Stratifiers()).to(self.device)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
         self.step = 0
+        self.epoch = 0
+        self.running: Optional[float] = None
         self.curve: List[Dict[str, float]] = []
         self.keep_best = _keep_best_from(cfg.train)
+        self.stopped_early: Optional[str] = None
+        self.policy = CheckpointPolicy(
+            self.output_dir / "checkpoints", every=int(cfg.train.checkpoint_every), keep=int(cfg.train.keep_checkpoints),
+            asynchronous=bool(cfg.train.checkpoint_async), rank=self.rank, info=self._checkpoint_info,
+        )
+        self._resumed_step: Optional[int] = None
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+            self._resumed_step = self.step
 
     def _preflight(self) -> tuple:
         """Threads, the vocabs the app will build, then `preflight`: nothing read or built yet."""
@@ -276,6 +306,52 @@ class Trainer:
                 log.info("strata derived from the data: %s", ", ".join(strata))
         return small, strata
 
+    def _claim_run_dir(self) -> None:
+        check_output_dir(self.output_dir)
+        if self.rank == 0:
+            self.lock.acquire()
+            if not self.cfg.train.resume:
+                supersede(self.output_dir)
+
+    def _checkpoint_info(self) -> Dict[str, Any]:
+        return {"format": "recap_embed.checkpoint", "version": 1, "vocabs": self.vocab_fingerprints, "step": self.step,
+                "trajectory": self._trajectory()}
+
+    def _trajectory(self) -> Dict[str, Any]:
+        """Settings that decide which batches come after a resume; a change is allowed but said."""
+        cfg = self.cfg
+        return {"train.batch_size": int(cfg.train.batch_size), "train.seed": int(cfg.train.seed), "data.seed": int(cfg.data.seed),
+                "train_rows": len(self.examples["train"])}
+
+    def app_state(self) -> Dict[str, Any]:
+        """What a checkpoint holds; its weights are checked finite first (nothing broken is saved)."""
+        all_ranks(check_weights_finite, self.model, self.step)  # every rank stops if one holds nan
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "progress": progress_state(self.step, self.epoch, self.running, self.curve), "keep_best": self.keep_best}
+
+    def _resume(self, path: Path) -> None:
+        """Continue from checkpoint `path` of this run dir: its vocabularies must be this run's."""
+        info = read_checkpoint_info(str(path)) or {}
+        saved = info.get("vocabs")
+        if saved is not None and saved != self.vocab_fingerprints:
+            differ = sorted(k for k in set(saved) | set(self.vocab_fingerprints) if saved.get(k) != self.vocab_fingerprints.get(k))
+            raise ConfigError(
+                f"train.resume: checkpoint {path} was trained with other vocabularies for table(s) {differ} than this run "
+                f"has (another data.dir or vocab): resuming would give its rows other ids; set train.resume=false to start "
+                f"afresh (the old checkpoints are kept aside), or use the data it was trained on"
+            )
+        materialize_dense_state(self.optimizer)
+        changed = {k: (v, self._trajectory().get(k)) for k, v in (info.get("trajectory") or {}).items() if self._trajectory().get(k) != v}
+        if changed and self.rank == 0:
+            log.warning("resuming from %s with other settings than it was trained with (%s): training continues, "
+                        "but not along the batches the original run would have seen", path,
+                        ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items()))
+        state = self.app_state()
+        restore_checkpoint(path, state)
+        self.step, self.epoch, self.running, self.curve = read_progress(state["progress"])
+        if self.rank == 0:
+            log.info("resuming from checkpoint %s (step %d); train.resume=false starts afresh", path, self.step)
+
     def _build_modules(self) -> tuple:
         """The embedding modules (on meta) with their vocabs, and what needs the data to check."""
         cfg = self.cfg
@@ -296,7 +372,6 @@ class Trainer:
                     spec.vocab, table=spec.name, num_embeddings=spec.num_embeddings,
                     oov_policy=spec.oov_policy, oov_buckets=spec.oov_buckets, config_path=spec.path,
                 )
-        train = self.examples["train"]
         for spec in large.specs:
             if spec.name in large.vocabs:
                 continue
@@ -310,16 +385,15 @@ class Trainer:
                             f"{spec.num_embeddings} rows; allowed: ids in [0, {spec.num_embeddings}); set "
                             f"{spec.path}.vocab to a vocab directory (id -> row)"
                         )
-        if self.cfg.train.checkpoint:
-            per_epoch = num_batches(len(train), cfg.train.batch_size)
-            total = per_epoch * cfg.train.epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, per_epoch * cfg.train.epochs)
-            final = self.output_dir / "checkpoints" / f"step_{total}"
-            if final.exists():
-                raise FileExistsError(
-                    f"checkpoint {final} already exists (an earlier run in this directory); it is kept: set another "
-                    f"hydra.run.dir, or train.checkpoint=false"
-                )
+        check_warm_start_vocabs(large.specs, large.vocabs)
+        check_examples(self.examples, int(cfg.train.batch_size), list(small.tables), self._data_paths())
         return large, small
+
+    def _data_paths(self) -> Dict[str, str]:
+        data = self.cfg.data
+        if data.source == DataSource.synthetic:
+            return {"train": str(Path(data.dir) / "train.parquet"), "eval": str(Path(data.dir) / "eval.parquet")}
+        return {"train": str(data.train_path), "eval": str(data.eval_path)}
 
     # ------------------------------------------------------------------ pieces
 
@@ -351,10 +425,6 @@ class Trainer:
         self.model.train()
         return {k: float(v) for k, v in metrics.compute().items()}
 
-    def app_state(self) -> Dict[str, Any]:
-        """What a checkpoint holds."""
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
-
     def write_plan(self) -> str:
         rows = describe_plan(self.model)
         text = format_plan(rows)
@@ -365,98 +435,138 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def run(self) -> Dict[str, Any]:
+    def total_steps(self) -> int:
         cfg = self.cfg.train
+        per_epoch = num_batches(len(self.examples["train"]), cfg.batch_size)
+        return per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+
+    def run(self) -> Dict[str, Any]:
+        total = self.total_steps()
+        if self.resume_from is not None and self.step >= total:
+            done = final_metrics(self.output_dir, self.step)
+            if done is not None:  # a rerun of a finished run: its results stand
+                if self.rank == 0:
+                    log.info("the run in %s already finished at step %d (metrics.json, %s); nothing to do "
+                             "(train.resume=false trains afresh)", self.output_dir, self.step, done["checkpoint"])
+                return done
         self.write_plan()  # `shard` has logged it
+        with StopSignals() as stop:
+            wall, step_time, stats = self._train_steps(total, stop)
+        return self._finish(wall, step_time, stats)
+
+    def _train_steps(self, total: int, stop: StopSignals) -> tuple:
+        """Steps until `total`: checks each loss, saves periodic checkpoints, stops cleanly on a signal."""
+        cfg = self.cfg.train
         train_set = self.examples["train"]
         per_epoch = num_batches(len(train_set), cfg.batch_size)
-        total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+        agreement = StepAgreement(self.device)
         bar = _progress(total, enabled=cfg.progress and self.rank == 0)
         if "validation" not in self.examples and self.rank == 0:
             log.warning("data.validation_fraction=0: no validation split, so no early stopping and no keep-best; the curve is on the eval split")
+        if bar is not None and self.step:
+            bar.update(self.step)
         start = time.perf_counter()
+        first = self.step
         step_time = 0.0
-        running = None
         stats: Dict[str, Any] = {}
-        stopped_early: Optional[str] = None
-        done = False
-        for epoch in range(cfg.epochs):
-            for raw in batches(train_set, cfg.batch_size, rank=self.rank, world_size=self.world, shuffle_seed=cfg.seed * 1000 + epoch):
-                t0 = time.perf_counter()
-                batch = self._batch(raw)
-                logits = self.model(batch.sparse, batch.discrete)
-                loss = self.loss_fn(logits, batch.labels).mean()
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                step_time += time.perf_counter() - t0
-                value = float(loss.detach())
-                running = value if running is None else 0.98 * running + 0.02 * value
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{running:.4f}", ex_s=f"{self.step * cfg.batch_size / (time.perf_counter() - start):,.0f}", refresh=False)
-                if cfg.log_every and self.step % cfg.log_every == 0:
-                    stats = self._log_tables()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self._eval_point(running)
-                    if "validation" in self.examples and self.keep_best.should_stop:
-                        stopped_early = self.keep_best.stop_reason()
-                        done = True
+        try:
+            for epoch in range(self.step // max(per_epoch, 1), cfg.epochs):
+                self.epoch = epoch
+                skip = self.step - epoch * per_epoch  # batches of this epoch a resumed run already trained
+                epoch_batches = batches(train_set, cfg.batch_size, rank=self.rank, world_size=self.world, shuffle_seed=cfg.seed * 1000 + epoch)
+                for raw in itertools.islice(epoch_batches, max(skip, 0), None):
+                    if self.step >= total:
+                        break
+                    t0 = time.perf_counter()
+                    batch = self._batch(raw)
+                    logits = self.model(batch.sparse, batch.discrete)
+                    loss = self.loss_fn(logits, batch.labels).mean()
+                    self.optimizer.zero_grad()
+                    loss.backward()
+                    value, signum = agreement.step(loss, stop.signum)
+                    check_loss(value, self.step + 1, self._rates())  # before the update is kept anywhere
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.step += 1
+                    step_time += time.perf_counter() - t0
+                    self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{self.running:.4f}", ex_s=f"{(self.step - first) * cfg.batch_size / (time.perf_counter() - start):,.0f}", refresh=False)
+                    if cfg.log_every and self.step % cfg.log_every == 0:
+                        stats = self._log_tables()
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._eval_point(self.running)
+                        if "validation" in self.examples and self.keep_best.should_stop:
+                            self.stopped_early = self.keep_best.stop_reason()
+                    if signum is not None:
+                        self._stop(signum)
+                    if cfg.checkpoint and self.policy.due(self.step) and self.step < total and not self.stopped_early:
+                        self.policy.save(self.step, self.app_state())
+                    if self.stopped_early:
                         break
                 if self.step >= total:
-                    done = True
                     break
-            if done:
-                break
-        if bar is not None:
-            bar.close()
-        wall = time.perf_counter() - start
+        finally:
+            if bar is not None:
+                bar.close()
+        return time.perf_counter() - start, step_time, stats
+
+    def _rates(self) -> Dict[str, float]:
+        rates = {f"embeddings.tables.{k}": v for k, v in self.scheduler.get_last_lr().items()}
+        rates["train.dense_optimizer.lr"] = float(self.cfg.train.dense_optimizer.lr)
+        return rates
+
+    def _stop(self, signum: int) -> None:
+        """Every rank got here at the same step: save, then end the job with 128 + signum."""
+        import signal as signals
+
+        name = signals.Signals(signum).name
+        if self.cfg.train.checkpoint:
+            path = self.policy.save(self.step, self.app_state())
+            raise StopRequested(f"stopped by {name} at step {self.step}: saved checkpoint {path}; run the same command "
+                                f"again to resume (train.resume=false starts afresh)", signum)
+        raise StopRequested(f"stopped by {name} at step {self.step}; train.checkpoint=false, so nothing was saved", signum)
+
+    def _finish(self, wall: float, step_time: float, stats: Dict[str, Any]) -> Dict[str, Any]:
+        """Final eval; metrics first, then the final checkpoint (the last step's weights), then the
+        best step's eval (its checkpoint restored), writing the metrics each time."""
+        cfg = self.cfg.train
         if not self.curve or self.curve[-1]["step"] != self.step:
-            self._eval_point(running)  # the last step is a candidate for the best too
-        if stopped_early and self.rank == 0:
-            log.info("early stop at step %d: %s", self.step, stopped_early)
+            self._eval_point(self.running)  # the last step is a candidate for the best too
+        if self.stopped_early and self.rank == 0:
+            log.info("early stop at step %d: %s", self.step, self.stopped_early)
         stats = self._log_tables() or stats
-        checkpoint = None
-        if cfg.checkpoint:
-            checkpoint = save_checkpoint(self.output_dir / "checkpoints", self.step, self.app_state(), asynchronous=cfg.checkpoint_async)
-            if isinstance(checkpoint, PendingCheckpoint):  # the job ends here: complete it (collective)
-                checkpoint = checkpoint.wait()
+        trained = max(1, self.step - (self._resumed_step or 0))
         final_eval = self.evaluate("eval")
-        final = {"step": self.step, "validation": self._last_validation(), "eval": final_eval, "checkpoint": str(checkpoint) if checkpoint else None}
-        best: Optional[Dict[str, Any]] = None
+        final = {"step": self.step, "validation": self._last_validation(), "eval": final_eval, "checkpoint": None}
         kb = self.keep_best
+        best: Optional[Dict[str, Any]] = None
         if "validation" in self.examples and kb.best_step >= 0:
-            best_eval = final_eval
-            if kb.best_step != self.step:
-                if kb.checkpoint is None:  # keep_best=false: the best model's weights were not kept
-                    best_eval = None
-                else:
-                    restore_checkpoint(kb.checkpoint, {"model": self.model})
-                    best_eval = self.evaluate("eval")
-            best = {"step": kb.best_step, "validation": kb.best_metrics, "eval": best_eval, "checkpoint": str(kb.checkpoint) if kb.checkpoint else None}
-        kept = best["eval"] if best is not None and best["eval"] is not None else final_eval
+            best = {"step": kb.best_step, "validation": kb.best_metrics, "eval": final_eval if kb.best_step == self.step else None,
+                    "checkpoint": str(kb.checkpoint) if kb.checkpoint else None}
         metrics = {
             "steps": self.step,
             "examples": self.step * cfg.batch_size,
             "world_size": self.world,
             "device": str(self.device),
             "threads": self.threads,
+            "resumed_from": str(self.resume_from) if self.resume_from is not None else None,
             "train_seconds": wall,
-            "seconds_per_step": step_time / max(1, self.step),
-            "examples_per_second": self.step * cfg.batch_size / max(wall, 1e-9),
-            "final_train_loss": running,
+            "seconds_per_step": step_time / trained,
+            "examples_per_second": trained * cfg.batch_size / max(wall, 1e-9),
+            "final_train_loss": self.running,
             "rows": {split: len(e) for split, e in self.examples.items()},
-            # The model this run keeps: the best validation step's with keep-best, else the last step's.
-            "eval": kept,
-            "eval_auroc": kept["auroc"],
-            "eval_loss": kept["loss"],
+            # The model this run keeps: the best validation step's with keep-best, else the last
+            # step's (set below, once the best step's eval is known).
+            "eval": final_eval,
+            "eval_auroc": final_eval["auroc"],
+            "eval_loss": final_eval["loss"],
             # What a sweeper optimises: validation, never eval (None without a validation split).
             "validation_auroc": best["validation"]["auroc"] if best is not None else None,
             "best": best,
             "final": final,
-            "stopped_early": stopped_early,
+            "stopped_early": self.stopped_early,
             "best_possible_eval_auroc": oracle_auroc(Path(self.cfg.data.dir)) if self.cfg.data.source == DataSource.synthetic else None,
             "curve": self.curve,
             "table_stats": stats,
@@ -465,8 +575,20 @@ class Trainer:
             "unseen_discrete_rate": self.unseen,
             "pretrained": {k: str(v) for k, v in (self.pretrained or {}).items()},
             "embedding_dims": {s.name: s.embedding_dim for s in self.specs},
-            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "checkpoint": None,
         }
+        if self.rank == 0:
+            _write_json(self.output_dir / "metrics.json", metrics)  # a failed save below keeps these
+        if cfg.checkpoint:
+            metrics["checkpoint"] = final["checkpoint"] = str(self.policy.save(self.step, self.app_state(), final=True))
+            if self.rank == 0:
+                _write_json(self.output_dir / "metrics.json", metrics)
+        if best is not None and best["eval"] is None and kb.checkpoint is not None:
+            # The best step's weights, restored after the last step's were saved, scored on eval.
+            restore_checkpoint(kb.checkpoint, {"model": self.model})
+            best["eval"] = self.evaluate("eval")
+        kept = best["eval"] if best is not None and best["eval"] is not None else final_eval
+        metrics.update(eval=kept, eval_auroc=kept["auroc"], eval_loss=kept["loss"])
         if self.rank == 0:
             _write_json(self.output_dir / "metrics.json", metrics)
             if best is not None and best["eval"] is not None and best["step"] != self.step:

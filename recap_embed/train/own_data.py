@@ -27,14 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recap_embed.errors import DataError
+
 __all__ = ["Columns", "DataError", "DiscreteCodes", "read_split"]
 
 #: Values quoted in a message.
 _SHOW = 3
-
-
-class DataError(ValueError):
-    """A split the app cannot train on; the message names the file, the column and the fix."""
 
 
 @dataclass(frozen=True)
