@@ -505,7 +505,7 @@ class Trainer:
                         self.policy.save(self.step, self.app_state())
                     if self.stopped_early:
                         break
-                if self.step >= total:
+                if self.step >= total or self.stopped_early:
                     break
         finally:
             if bar is not None:
