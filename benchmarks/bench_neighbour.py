@@ -178,6 +178,17 @@ def probe(python: Path, cwd: Path) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def redact(path: Optional[str], python: Path) -> Optional[str]:
+    """`path` relative to the venv of `python` (``<venv>/lib/...``), so that results name no machine's paths."""
+    if not path:
+        return path
+    venv = python.parent.parent
+    try:
+        return "<venv>/" + Path(path).resolve().relative_to(venv.resolve()).as_posix()
+    except ValueError:
+        return "<outside the venv>/" + "/".join(Path(path).parts[-2:])
+
+
 def frozen(python: Path) -> List[str]:
     proc = subprocess.run([str(python), "-m", "pip", "freeze", "--disable-pip-version-check"], env=clean_env(),
                           capture_output=True, text=True, timeout=120)
@@ -207,6 +218,8 @@ def check_arms(pythons: Dict[str, Path], cwd: Path) -> Dict[str, Any]:
         with_["installed_non_editable"] = True
     else:
         with_["installed_non_editable"] = bool(with_["recap_embed"]) and "site-packages" in with_["recap_embed"]
+    for name, py in pythons.items():
+        checks[name]["recap_embed"] = redact(checks[name]["recap_embed"], py)
     return checks
 
 
