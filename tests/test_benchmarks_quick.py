@@ -24,9 +24,11 @@ EXPECTED: Dict[str, Tuple[str, ...]] = {
     "bench_config_commands.py": ("benchmark", "machine", "seconds", "ratios", "importtime", "targets"),
     "bench_vocab.py": ("benchmark", "machine", "seconds", "ids_per_second", "memory", "checks"),
     "bench_meta_instantiate.py": ("benchmark", "machine", "seconds", "rss_growth_bytes_held", "peak_rss_growth_bytes", "targets"),
-    "bench_table_count.py": ("benchmark", "machine", "seconds_median", "loglog_slopes", "instantiate_breakdown_seconds", "targets"),
+    "bench_table_count.py": ("benchmark", "machine", "seconds_median", "loglog_slopes", "instantiate_breakdown_seconds",
+                             "typed_over_open_compose", "compose_profile", "targets"),
     "bench_pretrained_load.py": ("benchmark", "machine", "setup", "results", "targets"),
     "bench_train_app.py": ("benchmark", "machine", "setup", "targets"),
+    "bench_neighbour.py": ("benchmark", "machine", "setup", "skipped", "checks", "seconds", "ratios", "targets"),
 }
 
 TIMEOUT_S = 240
