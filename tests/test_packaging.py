@@ -49,6 +49,6 @@ def test_installed_package_serves_the_groups_to_an_app_elsewhere(tmp_path: Path)
     assert f"FROM {site}" in out.stdout  # the installed copy, not the checkout
     assert "embedding_dim: 64" in out.stdout and "num_embeddings: 72543" in out.stdout
     info = run("--info", "searchpath")
-    assert "pkg://recap_embed.conf" in info.stdout, info.stdout[-3000:]
+    assert f"recap_embed://{site / 'recap_embed' / 'conf'}" in info.stdout, info.stdout[-3000:]  # the installed presets
     help_ = run("--help")
     assert "embeddings/optimizer: adagrad, adam, lamb, partial_rowwise_adam, rowwise_adagrad, sgd" in help_.stdout
