@@ -193,23 +193,24 @@ def _as_omegaconf(cfg: Any, allowed: Iterable[str], prefix: str) -> Any:
 
 
 
-def build(cfg: DictConfig, parsed: Any, *, allowed_targets: Iterable[str] = ()) -> Any:
+def build(cfg: DictConfig, parsed: Any, *, allowed_targets: Iterable[str] = (), **overrides: Any) -> Any:
     """The section `cfg` built from its parsed form: ``target.from_config(parsed)``.
 
     `parsed` is the `ParsedConfig` of the app's config (from `recap_embed.config.validate`); the
     section's `_target_` (checked against the allowlist) names the class, ours or a subclass,
     and nothing is parsed, resolved or copied again (Hydra's instantiate resolves and deep-copies
-    the whole node: seconds for thousands of tables).
+    the whole node: seconds for thousands of tables). A target without ``from_config`` (a
+    factory function of the user's) is called as `instantiate` would, with `overrides` as kwargs.
     """
-    from hydra.utils import get_class
+    from hydra.utils import get_object
 
     prefix = str(cfg._get_full_key(None) or "") if cfg._get_parent() is not None else ""
     check_targets(cfg, allowed_targets, prefix)
     target = cfg.get("_target_")
-    cls = get_class(target) if isinstance(target, str) else None
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ConfigError(f"{prefix + '.' if prefix else ''}_target_: {target!r} has no from_config(parsed); use a recap_embed module or a subclass")
-    return cls.from_config(parsed)
+    obj = get_object(target) if isinstance(target, str) else None
+    if isinstance(obj, type) and hasattr(obj, "from_config"):
+        return obj.from_config(parsed)
+    return instantiate(cfg, allowed_targets=allowed_targets, **overrides)
 
 
 __all__ = ["DEFAULT_ALLOWED_TARGETS", "UntrustedTargetError", "build", "check_targets", "instantiate"]

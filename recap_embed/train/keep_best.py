@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional
 
 import torch.distributed as dist
 
+from recap_embed.config import ConfigError
 from recap_embed.io.checkpoint import PendingCheckpoint, list_checkpoints, save_checkpoint
 
 __all__ = ["KeepBest", "BEST_DIR"]
@@ -36,9 +37,9 @@ class KeepBest:
 
     def __init__(self, metric: str, higher_is_better: bool, patience: Optional[int], min_delta: float = 0.0) -> None:
         if patience is not None and patience < 1:
-            raise ValueError(f"train.early_stopping.patience: {patience} is not allowed; use a positive number of evaluations, or null to never stop early")
+            raise ConfigError(f"train.early_stopping.patience: {patience} is not allowed; use a positive number of evaluations, or null to never stop early")
         if min_delta < 0 or not math.isfinite(min_delta):
-            raise ValueError(f"train.early_stopping.min_delta: {min_delta} is not allowed; use a non-negative number")
+            raise ConfigError(f"train.early_stopping.min_delta: {min_delta} is not allowed; use a non-negative number")
         self.metric = metric
         self.higher_is_better = higher_is_better
         self.patience = patience
@@ -95,6 +96,7 @@ class KeepBest:
             "best_step": self.best_step,
             "best_value": self.best_value,
             "evals_since_best": self.evals_since_best,
+            "best_metrics": {str(k): float(v) for k, v in self.best_metrics.items()},
             "checkpoint": str(self.checkpoint) if self.checkpoint is not None else "",
         }
 
@@ -102,4 +104,5 @@ class KeepBest:
         self.best_step = int(state["best_step"])
         self.best_value = float(state["best_value"])
         self.evals_since_best = int(state["evals_since_best"])
+        self.best_metrics = {str(k): float(v) for k, v in (state.get("best_metrics") or {}).items()}
         self.checkpoint = Path(state["checkpoint"]) if state.get("checkpoint") else None

@@ -246,7 +246,7 @@ class Trainer:
         self.scheduler = EmbeddingLRScheduler(self.model, self.optimizer)
         if self.derived_strata is not None:
             parsed = replace(self.parsed, stratifiers=validate({"strata": self.derived_strata}, section="stratifiers").stratifiers)
-            strata = build(cfg.stratifiers, parsed, allowed_targets=self.allowed_targets)
+            strata = build(cfg.stratifiers, parsed, allowed_targets=self.allowed_targets, strata=self.derived_strata)
         else:
             strata = build(cfg.stratifiers, self.parsed, allowed_targets=self.allowed_targets)
             if self.rank == 0:
@@ -359,7 +359,8 @@ class Trainer:
         large = build(cfg.embeddings, self.parsed, allowed_targets=self.allowed_targets)
         if self.derived_small is not None:  # through the section's own `_target_`, which may be the user's
             derived = validate({"tables": self.derived_small}, section="small_embeddings", num_discrete_features=len(self.codes.columns))
-            small = build(cfg.small_embeddings, replace(self.parsed, small_embeddings=derived.small_embeddings), allowed_targets=self.allowed_targets)
+            small = build(cfg.small_embeddings, replace(self.parsed, small_embeddings=derived.small_embeddings),
+                          allowed_targets=self.allowed_targets, tables=self.derived_small)
         else:
             small = build(cfg.small_embeddings, self.parsed, allowed_targets=self.allowed_targets)
             top = {i: max(int(e.discrete[:, i].max()) for e in self.examples.values() if len(e)) for i in range(len(self.codes.columns))}
@@ -563,7 +564,7 @@ class Trainer:
             "eval_auroc": final_eval["auroc"],
             "eval_loss": final_eval["loss"],
             # What a sweeper optimises: validation, never eval (None without a validation split).
-            "validation_auroc": best["validation"]["auroc"] if best is not None else None,
+            "validation_auroc": best["validation"].get("auroc") if best is not None else None,
             "best": best,
             "final": final,
             "stopped_early": self.stopped_early,
