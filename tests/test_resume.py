@@ -112,7 +112,7 @@ def test_a_stopped_run_resumes_to_the_same_result(tmp_path: Path, data: Path, un
     args = [f"hydra.run.dir={run_dir}", f"data.dir={data}", *LONG]
     proc = start(args, tmp_path)
     try:
-        wait_for(proc, "saved checkpoint")  # a periodic checkpoint: training is under way
+        wait_for(proc, f"saved checkpoint {run_dir / 'checkpoints' / 'step_'}")  # a periodic one (not keep-best's)
         proc.send_signal(sig)
         code, out = finish(proc)
     finally:
