@@ -93,7 +93,7 @@ def instantiate_breakdown(cfg: Any, reps: int) -> Dict[str, Any]:
 
     from recap_embed.config import LargeEmbeddingsConfig, table_specs, validate
     from recap_embed.config.convert import from_mapping
-    from recap_embed.instantiate import instantiate
+    from recap_embed import instantiate
     from recap_embed.modules.large import _no_init_on_meta, torchrec_config
 
     def med(fn: Any) -> Any:
@@ -139,7 +139,7 @@ def main() -> None:
 
     import recap_embed.config  # noqa: F401  (registers the groups)
     from recap_embed.config import validate
-    from recap_embed.instantiate import instantiate
+    from recap_embed import instantiate
 
     import torch  # noqa: F401  (imported up front: its import is not a per-table cost)
     import recap_embed.modules  # noqa: F401

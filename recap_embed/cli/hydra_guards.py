@@ -8,7 +8,7 @@ Hydra 1.3 instantiates ``hydra.callbacks`` and the logging configs (``hydra.job_
 callable the app never sees. `install` wraps those two entry points (and YAML loading) for the
 app's process:
 
-* ``hydra.callbacks``: checked with `recap_embed.instantiate.check_targets` (interpolations
+* ``hydra.callbacks``: checked with `recap_embed.check_targets` (interpolations
   resolved) against the default prefixes plus ``allowed_targets`` given on the command line;
 * logging configs: each factory and handler class must resolve to a logging Handler, Formatter or
   Filter class of ``logging`` or ``colorlog``, or be allowed as above;
@@ -123,7 +123,7 @@ def app_allowed_targets(cfg: Any, key: str = ALLOWED_TARGETS_KEY) -> List[str]:
 
 def check_callbacks(config: Any) -> None:
     """``hydra.callbacks`` of a full Hydra config against the allowlist (interpolations resolved)."""
-    from recap_embed.instantiate import check_targets
+    from recap_embed._instantiate import check_targets
 
     callbacks = OmegaConf.select(config, "hydra.callbacks")
     if callbacks:
@@ -158,7 +158,7 @@ _LOGGING_PACKAGES = ("logging", "colorlog")
 def check_logging_config(log_config: Any, path: str, allowed: Iterable[str] = ()) -> None:
     """Every factory (``()``) and ``class`` of a ``logging.config.dictConfig`` config must be a
     Handler, Formatter or Filter class of the logging packages, or an allowed `_target_`."""
-    from recap_embed.instantiate import UntrustedTargetError, _resolve, check_targets
+    from recap_embed._instantiate import UntrustedTargetError, _resolve, check_targets
 
     if log_config is None:
         return
