@@ -73,8 +73,32 @@ def test_public_names_when_the_deprecated_module_is_imported_first() -> None:
 
 def test_import_recap_embed_stays_torch_free() -> None:
     code = (
-        "import sys, recap_embed, recap_embed.config\n"
+        "import sys, recap_embed, recap_embed.config, recap_embed.tml, recap_embed.tml.cli, recap_embed.hydra_guards\n"
         "heavy = sorted(m for m in ('torch', 'torchrec', 'fbgemm_gpu') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_moved_modules_still_import_for_one_release() -> None:
+    """The old locations warn and hand out the same objects as the new ones."""
+    import importlib
+
+    import pytest
+
+    import recap_embed.hydra_guards
+    import recap_embed.tml
+    import recap_embed.tml.cli
+
+    moved = {
+        "recap_embed.config.tml": (recap_embed.tml, ["from_tml", "to_tml", "write_presets", "TmlConversionError"]),
+        "recap_embed.cli.from_tml": (recap_embed.tml.cli, ["main", "PROG"]),
+        "recap_embed.cli.hydra_guards": (recap_embed.hydra_guards, ["install", "app_allowed_targets"]),
+        "recap_embed.instantiate": (importlib.import_module("recap_embed._instantiate"), ["instantiate", "build"]),
+    }
+    for old, (new, names) in moved.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match="deprecated"):
+            shim = importlib.import_module(old)
+        for name in names:
+            assert getattr(shim, name) is getattr(new, name), (old, name)
