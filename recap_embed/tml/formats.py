@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-
 from recap_embed.config.errors import ConfigError
 from recap_embed.config.schema import (
     EmbeddingBagConfig,
