@@ -279,7 +279,6 @@ def _bounded_yaml() -> None:
     """OmegaConf's YAML loader, refusing files nested deeper than MAX_YAML_DEPTH or expanding to
     more than MAX_YAML_NODES values (both checked on the node graph, before anything is built)."""
     try:
-        import yaml
         from omegaconf import _utils
     except ImportError:  # pragma: no cover
         return

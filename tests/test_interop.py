@@ -29,7 +29,6 @@ from recap_embed import instantiate
 from recap_embed.interop import TorchrecConversionError, from_torchrec, to_torchrec
 from recap_embed.modules import LargeEmbeddings
 
-from conftest import TESTS
 from multiprocess import full_weight
 
 
