@@ -67,7 +67,7 @@ NO_PLUGIN = (
 
 
 def write_preset(conf_dir: Path, tables: int) -> None:
-    """An inline preset (the fast way to hold many tables, see FACTS): one file, all tables."""
+    """An inline preset (the fast way to hold many tables: one YAML to parse, see BENCHMARKS.md section 5): one file, all tables."""
     lines = ["# written by benchmarks/bench_config_commands.py", "defaults:", "  - base", "  - optimizer: sgd",
              "  - _self_", "", "embedding_dim: 16", "tables:"]
     for i in range(tables):

@@ -46,7 +46,7 @@ def main() -> None:
     import torch
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-    from recap_embed.instantiate import instantiate
+    from recap_embed import instantiate
 
     cfg = config(tables, rows, dim)
     meta = torch.device("meta")

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 from recap_embed.config.errors import ConfigError
 
@@ -26,6 +26,9 @@ class InputPathError(UserError, OSError):
 class DataError(UserError, ValueError):
     """The contents of the user's data cannot be trained on (labels, empty splits, codes out of range)."""
 
+
+#: The exit status of a command stopped by a user error (a crash is 1).
+EXIT_USER_ERROR = 2
 
 #: Errors that mean "the input is wrong": reported as their message alone.
 USER_ERRORS = (ConfigError, UserError)
@@ -58,34 +61,47 @@ def should_report(error: BaseException, rank: Optional[int] = None) -> bool:
     return mine is not None and not any(r < rank and m == mine for r, m in failures.items())
 
 
-@contextlib.contextmanager
-def report_and_exit(log: logging.Logger, code: int = 2) -> Iterator[None]:
-    """Turn a user error into one logged line and exit `code`; HYDRA_FULL_ERROR=1 re-raises.
+def full_traceback_requested() -> bool:
+    """HYDRA_FULL_ERROR=1, as in the Hydra apps: every error keeps its traceback."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
-    In a multi-process job every rank exits; the cause is logged once: by the lowest rank that
-    failed with it (rank 0 when all failed alike, the failed rank when only it did). Ranks that
-    stop only because another rank failed exit `code` too, rank 0 saying which rank failed.
+
+def user_error_status(error: BaseException, emit: Callable[[str], None], code: int = EXIT_USER_ERROR) -> Optional[int]:
+    """Report `error` through `emit` (one line) and return the exit status it ends the command
+    with, or None when it is a bug, which the caller re-raises with its traceback.
+
+    In a multi-process job the cause is reported once: by the lowest rank that failed with it
+    (rank 0 when all failed alike, the failed rank when only it did). Ranks that stop only because
+    another rank failed return `code` too, rank 0 saying which rank failed.
     """
+    failures = getattr(error, RANK_FAILURES, None) or {}
+    rank = current_rank()
+    peer_only = bool(failures) and rank not in failures
+    if not (isinstance(error, USER_ERRORS) or peer_only):
+        return None
+    if peer_only:
+        if rank == 0:
+            ranks = ", ".join(str(r) for r in sorted(failures))
+            emit(f"stopped: rank {ranks} failed (its error is reported by that rank)")
+    elif getattr(error, "rank0_only", False) and rank != 0:
+        pass  # the same stop on every rank: rank 0 says it
+    elif should_report(error, rank):
+        prefix = f"[rank {rank}] " if rank != 0 and os.environ.get("RANK") is not None else ""
+        emit(f"{prefix}{error}")
+    return int(getattr(error, "exit_code", code))  # e.g. 143 after SIGTERM: stopped, not failed
+
+
+@contextlib.contextmanager
+def report_and_exit(log: logging.Logger, code: int = EXIT_USER_ERROR) -> Iterator[None]:
+    """Turn a user error into one logged line and exit with its status (`code` unless the error
+    carries its own); HYDRA_FULL_ERROR=1 re-raises. Every rank of a job exits (see
+    `user_error_status`); commands that return their status instead call that directly."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - anything else is re-raised below
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        status = None if full_traceback_requested() else user_error_status(e, lambda m: log.error("%s", m), code)
+        if status is None:
             raise
-        failures = getattr(e, RANK_FAILURES, None) or {}
-        rank = current_rank()
-        peer_only = bool(failures) and rank not in failures
-        if not (isinstance(e, USER_ERRORS) or peer_only):
-            raise
-        if peer_only:
-            if rank == 0:
-                ranks = ", ".join(str(r) for r in sorted(failures))
-                log.error("stopped: rank %s failed (its error is reported by that rank)", ranks)
-        elif getattr(e, "rank0_only", False) and rank != 0:
-            pass  # the same stop on every rank: rank 0 says it
-        elif should_report(e, rank):
-            prefix = f"[rank {rank}] " if rank != 0 and os.environ.get("RANK") is not None else ""
-            log.error("%s%s", prefix, e)
-        status = int(getattr(e, "exit_code", code))  # e.g. 143 after SIGTERM: stopped, not failed
         _shutdown(status)
         sys.exit(status)
 

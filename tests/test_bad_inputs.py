@@ -520,7 +520,7 @@ def console(name: str) -> List[str]:
     script = Path(sys.executable).parent / name
     if script.exists():
         return [str(script)]
-    module = {"recap-embed-train": "recap_embed.train", "recap-embed-from-tml": "recap_embed.cli.from_tml", "recap-embed-plan": "recap_embed.plan"}[name]
+    module = {"recap-embed-train": "recap_embed.train", "recap-embed-from-tml": "recap_embed.tml", "recap-embed-plan": "recap_embed.plan"}[name]
     return [sys.executable, "-m", module]
 
 

@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from recap_embed.config import (
-    ConfigValidationError,
     LargeEmbeddingsConfig,
     OptimizerAlgorithm,
     table_specs,

@@ -25,11 +25,10 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingConfig, Poolin
 
 from recap_embed.config import ConfigValidationError, validate
 from recap_embed.config.store import register_configs
-from recap_embed.instantiate import instantiate
+from recap_embed import instantiate
 from recap_embed.interop import TorchrecConversionError, from_torchrec, to_torchrec
 from recap_embed.modules import LargeEmbeddings
 
-from conftest import TESTS
 from multiprocess import full_weight
 
 

@@ -25,9 +25,9 @@ from hydra.errors import HydraException
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from recap_embed.cli.from_tml import main as from_tml_main
+from recap_embed.tml.cli import main as from_tml_main
 from recap_embed.config import ConfigValidationError, table_specs, validate
-from recap_embed.config.tml import to_tml
+from recap_embed.tml import to_tml
 
 GROUPS = ("embeddings", "small_embeddings", "stratifiers")
 RESERVED = {"null", "true", "false", "yes", "no", "on", "off", "nan", "inf", "name"}

@@ -10,7 +10,6 @@ The training app with such a table is tested in tests/test_interop.py.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest

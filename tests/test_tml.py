@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig
 
-from recap_embed.cli.from_tml import main
+from recap_embed.tml.cli import main
 from recap_embed.config import table_specs, validate
 from recap_embed.config.store import register_configs
-from recap_embed.config.tml import (
+from recap_embed.tml import (
     COMMON_FORMAT,
     RECAP_FORMAT,
     TmlConversionError,
@@ -347,6 +347,7 @@ RECAP_CASES = [
     (_set(R0 + ["pretrained"], {"emb_name": "u"}), "model.large_embeddings.tables[0].pretrained.embedding_snapshot_uri", "missing"),
     (_set(["stratifiers"], {"name": "a"}), "model.stratifiers", "expected a list"),
     (_set(["embeddings"], {"tables": []}), "model", "has both large_embeddings and embeddings"),
+    (_set(["small_embeddings", "tables", 0, "name"], ".5"), "model.small_embeddings.tables[0].name", "has a dot"),
 ]
 COMMON_CASES = [
     (_set(T1 + ["optimiser"], {"sgd": {"lr": 0.1}}), "model.embeddings.tables[1].optimiser", "allowed here: name, num_embeddings, embedding_dim, pretrained, vocab, optimizer, data_type"),
@@ -524,7 +525,7 @@ def test_cli_warns_about_our_rules_but_converts(tml_file: Path, capsys: pytest.C
 
 def test_module_entry_point(tml_file: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    run = [sys.executable, "-m", "recap_embed.cli.from_tml"]
+    run = [sys.executable, "-m", "recap_embed.tml"]
     ok = subprocess.run([*run, tml_file.name, "--print"], cwd=tml_file.parent, env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "# ==> stratifiers/recap_v2.yaml <==" in ok.stdout
@@ -649,7 +650,7 @@ def _table_optimizers(draw: st.DrawFn) -> Dict[str, Any]:
 # Names YAML or OmegaConf would read as something else must survive as strings.
 _names = st.one_of(
     st.from_regex(r"[a-z0-9][a-z0-9_]{0,9}", fullmatch=True),
-    st.sampled_from(["null", "on", "no", "true", "1e3", "123", "1_000", "0x1f", ".5"]),
+    st.sampled_from(["null", "on", "no", "true", "1e3", "123", "1_000", "0x1f", "0o17"]),
 )
 
 

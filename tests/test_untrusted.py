@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 import recap_embed.train.config  # noqa: F401  (registers the app's schema)
 import untrusted_helper
-from recap_embed.instantiate import DEFAULT_ALLOWED_TARGETS, UntrustedTargetError, check_targets, instantiate
+from recap_embed import DEFAULT_ALLOWED_TARGETS, UntrustedTargetError, check_targets, instantiate
 
 
 def compose_train(overrides):

@@ -15,7 +15,6 @@ seeded random 80/20 split gives train.parquet and eval.parquet.
 from __future__ import annotations
 
 import argparse
-import io
 import subprocess
 import sys
 import zipfile

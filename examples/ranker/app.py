@@ -14,7 +14,7 @@ from torchrec import KeyedJaggedTensor
 
 from recap_embed.config import validate
 from recap_embed.distributed import shard
-from recap_embed.instantiate import build
+from recap_embed import build
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
 
 

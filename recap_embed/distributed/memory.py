@@ -18,7 +18,7 @@ import torch
 from recap_embed.config import ConfigError, OptimizerAlgorithm, ShardingType, TableSpec
 from recap_embed.units import format_bytes
 
-from .planner import element_bytes, optimizer_state_bytes
+from .table_size import element_bytes, optimizer_state_bytes
 
 __all__ = ["MemoryDoesNotFit", "USABLE_SHARE", "available_bytes", "check_local_memory", "rank_shard_bytes"]
 

@@ -17,7 +17,6 @@ Data flow::
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 from dataclasses import replace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -305,12 +304,6 @@ def resolve_rows(spec: TableSpec, override: Mapping[str, int], vocabs: Dict[str,
         if int(given) <= 0:
             raise ConfigError(f"{spec.path}.num_embeddings: override {given!r} is not a positive integer")
         return replace(spec, num_embeddings=int(given))
-    if importlib.util.find_spec("recap_embed.io.vocab") is None:
-        raise ConfigError(
-            f"{spec.path}.num_embeddings: is null (rows derived from vocab {spec.vocab!r}), but "
-            f"recap_embed.io.vocab is not available; set num_embeddings or pass "
-            f"num_embeddings_override={{{spec.key!r}: rows}}"
-        )
     from recap_embed.io.vocab import Vocab
 
     vocab = Vocab.load(

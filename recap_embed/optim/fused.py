@@ -78,7 +78,6 @@ DENSE_OPTIMIZER_CLASSES: Dict[OptimizerAlgorithm, Type[torch.optim.Optimizer]] =
     OptimizerAlgorithm.adam: torch.optim.Adam,
 }
 
-_FLAG = "_recap_embed_fused"  # set on a weight once its optimizer is attached
 _CACHE = "_recap_embed_table_optimizer"  # the table optimizer, cached on the sharded model
 
 
@@ -195,7 +194,6 @@ def apply_fused_optimizers(model: nn.Module) -> int:
             cls, kwargs = fused_optimizer_args(spec.optimizer)
             # One kwargs dict per weight: the sharder edits it in place (adds "optimizer", renames lr).
             _apply_optimizer_in_backward(cls, [weight], dict(kwargs))
-            setattr(weight, _FLAG, True)
             applied += 1
     return applied
 

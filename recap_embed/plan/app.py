@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from recap_embed.config.errors import ConfigError
 
 import recap_embed.config  # noqa: F401  (registers the groups)
-from recap_embed.cli import hydra_guards
+from recap_embed import hydra_guards
 import recap_embed.plan.config  # noqa: F401  (registers the app's schema)
 
 log = logging.getLogger("recap_embed.plan")

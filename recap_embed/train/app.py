@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import recap_embed.config  # noqa: F401  (registers the groups)
-from recap_embed.cli import hydra_guards
+from recap_embed import hydra_guards
 from recap_embed.errors import current_rank
 import recap_embed.train.config  # noqa: F401  (registers the app's schema)
 

@@ -158,7 +158,7 @@ class TrainAppConfig:
     stratifiers: Any = MISSING
     sharding: Any = MISSING
     # Module prefixes (e.g. `my_project.`) whose callables `_target_`s may name, on top of
-    # recap_embed, torchrec, torch.nn, torch.optim and torchmetrics (recap_embed.instantiate).
+    # recap_embed, torchrec, torch.nn, torch.optim and torchmetrics (recap_embed.check_targets).
     allowed_targets: List[str] = field(default_factory=list)
 
 

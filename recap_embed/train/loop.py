@@ -26,8 +26,8 @@ from recap_embed.config import ConfigError, ParsedConfig, table_specs, validate
 from recap_embed.errors import RANK_FAILURES
 from recap_embed.files import atomic_write_text
 from recap_embed.distributed import describe_plan, format_plan, plan_placements, resolve_device, save_plan_file, shard
-from recap_embed.cli.hydra_guards import app_allowed_targets
-from recap_embed.instantiate import build, check_targets
+from recap_embed.hydra_guards import app_allowed_targets
+from recap_embed._instantiate import build, check_targets
 from recap_embed.io.checkpoint import restore_checkpoint
 from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
 from recap_embed.io.vocab import Vocab, VocabMapper
