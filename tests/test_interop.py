@@ -241,9 +241,8 @@ def _train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_training_app_with_a_shared_feature_trains_and_warm_starts(tmp_path: Path):
     """`user2` reads the app's `user` feature through the same vocab; its outputs are user@user, user@user2."""
-    shared = ["embeddings.tables.user2.vocab=${data.dir}/vocab/user", "embeddings.tables.user2.num_embeddings=null",
-              "embeddings.tables.user2.oov_policy=default_row", "embeddings.tables.user2.feature_names=[user]",
-              "embeddings.tables.user2.embedding_dim=8"]
+    shared = ["+embeddings.tables={user2: {vocab: '${data.dir}/vocab/user', num_embeddings: null, oov_policy: default_row, "
+              "feature_names: [user], embedding_dim: 8}}"]
     first = tmp_path / "first"
     out = _train(*shared, f"hydra.run.dir={first}", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
