@@ -141,6 +141,9 @@ logger = logging.getLogger(__name__)
 #: Largest block of rows read at once (a single row is read whole even if larger).
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
+#: Read the next block in a background thread while the current one is copied (see `_blocks`).
+READ_AHEAD = True
+
 METADATA_FILE = ".snapshot_metadata"  # torchsnapshot's manifest, written last by `take`
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -738,7 +741,7 @@ def read_into(reader: SnapshotReader, plan: CopyPlan, *, chunk_bytes: int, stagi
             target = torch.empty(fill.shape, dtype=fill.dtype) if staging else fill
             expected = written = 0
             for task in tasks:
-                for r, src in _blocks(reader, task, chunk_bytes, read_ahead=True):
+                for r, src in _blocks(reader, task, chunk_bytes, read_ahead=READ_AHEAD):
                     conv = src if src.dtype == target.dtype else src.to(target.dtype)
                     expected += checksum(conv)
                     dest = _dest_view(target, region.offsets, task, r, src.shape[0])
