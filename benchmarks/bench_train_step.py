@@ -65,7 +65,7 @@ def make_batches(n: int, tables: int, rows: int, batch: int, pooling: int, seed:
 # --------------------------------------------------------------------------- ours
 
 
-def build_ours(tables: int, rows: int, dim: int, algorithm: str, fast: bool = True):
+def build_ours(tables: int, rows: int, dim: int, algorithm: str, fast: bool = True, device: str = "cpu"):
     from omegaconf import OmegaConf
 
     from recap_embed.distributed import describe_plan, shard
@@ -80,11 +80,11 @@ def build_ours(tables: int, rows: int, dim: int, algorithm: str, fast: bool = Tr
                 "optimizer": {"algorithm": algorithm, "init_learning_rate": LR},
                 "tables": {f"t{i}": {"num_embeddings": rows} for i in range(tables)},
             },
-            "sharding": {"device": "cpu"},
+            "sharding": {"device": device},
         }
     )
     large = instantiate(cfg.embeddings)
-    model = shard(large, cfg.sharding, device="cpu", single_rank_fast_path=fast)
+    model = shard(large, cfg.sharding, single_rank_fast_path=fast)
     opt = combined_optimizer(model, lambda params: torch.optim.Adam(params, lr=1e-3))
     sched = EmbeddingLRScheduler(model, opt)
     plan = [{k: r[k] for k in ("table", "sharding_type", "compute_kernel", "ranks")} for r in describe_plan(model)]
