@@ -49,6 +49,9 @@ class SingleRankLookup:
     """
 
     def __init__(self, ebc: nn.Module, kernels: List[Tuple[nn.Module, List[str]]], fallback: Callable[..., Any]) -> None:
+        from torchrec import KeyedTensor
+
+        self._keyed_tensor = KeyedTensor
         self.kernels = [k for k, _ in kernels]
         self.features: List[str] = [f for _, fs in kernels for f in fs]
         self.splits: List[int] = [len(fs) for _, fs in kernels]
@@ -61,8 +64,6 @@ class SingleRankLookup:
         self._order_tensor: Optional[torch.Tensor] = None
 
     def __call__(self, features: Any) -> Any:
-        from torchrec import KeyedTensor
-
         if features.variable_stride_per_key() or (not self.weighted and features.weights_or_none() is not None):
             return self.fallback(features)
         keys = features.keys()
@@ -73,7 +74,7 @@ class SingleRankLookup:
         parts = [features] if len(self.kernels) == 1 else features.split(self.splits)
         outputs = [kernel(part) for kernel, part in zip(self.kernels, parts)]
         values = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return KeyedTensor(keys=self.embedding_names, length_per_key=self.embedding_dims, values=values, key_dim=1)
+        return self._keyed_tensor(keys=self.embedding_names, length_per_key=self.embedding_dims, values=values, key_dim=1)
 
     def _set_order(self, keys: List[str], device: torch.device) -> None:
         if list(keys) == self.features:
