@@ -18,6 +18,8 @@ run benchmarks/bench_meta_instantiate.py --out "$OUT/meta_instantiate.json"
 run benchmarks/bench_table_count.py --out "$OUT/table_count.json"
 run benchmarks/bench_pretrained_load.py --profile --out "$OUT/pretrained_load.json"
 run benchmarks/bench_train_app.py --out "$OUT/train_app.json"
+# On a CUDA machine only (without CUDA it says so and exits 0): BENCHMARKS.md section 8.
+run benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
 # Optional: the same train step with 2 torch threads (on a shared 2-core machine this mostly shows
 # how badly 2-thread regions stall; see BENCHMARKS.md "Method").
 # run benchmarks/bench_train_step.py --threads 2 --what-if --reps 80 --out "$OUT/train_step_2threads.json"

@@ -45,6 +45,7 @@ _I1, _I2 = pow(_M1, -1, 1 << 64), pow(_M2, -1, 1 << 64)
 _U = np.uint64
 _SIGN_U = _U(1 << 63)
 _SIGN_I = -(1 << 63)
+_PAD_KEY = np.iinfo(np.int64).max  # the key of the padding slots (that of h = 2**64 - 1)
 
 
 def _s64(x: int) -> int:
@@ -103,45 +104,56 @@ class IdTable:
     # ------------------------------------------------------------------ build
 
     @classmethod
-    def build(cls, ids: np.ndarray, rows: np.ndarray) -> Tuple[Optional["IdTable"], np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """(table, ids, rows, duplicates): ids and rows come back ordered by mixed key; when some
-        id appears twice the table is None and `duplicates` marks each repeat (``dup[i]``: entry
-        ``i + 1`` repeats entry ``i``)."""
+    def build(cls, ids: np.ndarray, rows: np.ndarray) -> Tuple[Optional["IdTable"], Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+        """(table, None, None, None); or, when some id appears twice, (None, ids, rows, duplicates)
+        with ids and rows ordered by mixed key and ``duplicates[i]`` true when entry ``i + 1``
+        repeats entry ``i``."""
+        # Written to keep the peak low (about 40 bytes per entry on top of the inputs): arrays are
+        # reused in place and freed as soon as they are done with.
         n = ids.size
         h = mix(ids)
-        sorted_keys, order = torch.sort(torch.from_numpy((h ^ _SIGN_U).view(np.int64)))
+        h ^= _SIGN_U
+        sorted_keys, order = torch.sort(torch.from_numpy(h.view(np.int64)))
         del h
         order_np = order.numpy()
-        ids, rows = ids[order_np], rows[order_np]
-        del order, order_np
         keys = sorted_keys.numpy()
         dup = keys[1:] == keys[:-1]
         if dup.any():
-            return None, ids, rows, dup
+            return None, ids[order_np], rows[order_np], dup
+        del dup
+        rows = rows[order_np]
+        del order, order_np
         slots = max(1, math.ceil(n / LOAD))
         bits = 63 - slots.bit_length()
-        home = cls._home(keys.view(_U) ^ _SIGN_U, slots, bits)
-        index = np.arange(n, dtype=np.int64)
-        slot = np.maximum.accumulate(home - index)
-        slot += index
-        window = max(2 * FIRST_WINDOW, 1 << int((slot - home).max()).bit_length())
-        del home, index
+        # slot_i = max(home_i, slot_{i-1} + 1) = i + max_{j <= i}(home_j - j)
+        shifted = cls._home(keys.view(_U) ^ _SIGN_U, slots, bits)  # home
+        shifted -= np.arange(n, dtype=np.int64)  # home - i
+        slot = np.maximum.accumulate(shifted)
+        np.subtract(slot, shifted, out=shifted)  # slot - home: the displacement
+        window = max(2 * FIRST_WINDOW, 1 << int(shifted.max()).bit_length())
+        del shifted
+        slot += np.arange(n, dtype=np.int64)
         size = max(int(slot[-1]) + 1, slots) + 2 * window  # the padding keeps every probe in bounds
         # Slot t holds the first entry at or after it: the count of entries in slots < t.
-        occupied = np.zeros(size, dtype=np.int64)
-        occupied[slot] = 1
-        nxt = np.cumsum(occupied)
+        occupied = np.zeros(size, dtype=bool)
+        occupied[slot] = True
+        del slot
+        nxt = np.cumsum(occupied, dtype=np.int64)
         nxt -= occupied
-        del occupied, slot
+        del occupied
         last = int(nxt.searchsorted(n))  # first padding slot
+        nxt = nxt[:last]
         table_keys = np.empty(size, dtype=np.int64)
-        table_keys[:last] = keys[nxt[:last]]
-        table_keys[last:] = np.iinfo(np.int64).max
+        np.take(keys, nxt, out=table_keys[:last])
+        table_keys[last:] = _PAD_KEY
+        del keys, sorted_keys
         row_dtype = np.int32 if int(rows.max(initial=0)) < np.iinfo(np.int32).max else np.int64
+        rows = rows.astype(row_dtype, copy=False)
         table_rows = np.empty(size, dtype=row_dtype)
-        table_rows[:last] = rows[nxt[:last]]
+        np.take(rows, nxt, out=table_rows[:last])
         table_rows[last:] = -1
-        return cls(torch.from_numpy(table_keys), torch.from_numpy(table_rows), slots, bits, window, n), ids, rows, None
+        del nxt
+        return cls(torch.from_numpy(table_keys), torch.from_numpy(table_rows), slots, bits, window, n), None, None, None
 
     @staticmethod
     def _home(h: np.ndarray, slots: int, bits: int) -> np.ndarray:
@@ -197,7 +209,9 @@ class IdTable:
             # whose key is >= h, or at its last slot when all are below.
             s = step
             while s:
-                p += (np.take(shifted[s - 1], p) < hb) * s
+                below = np.take(shifted[s - 1], p) < hb
+                for _ in range(s):  # p += below * s, without an int64 temporary
+                    p += below
                 s >>= 1
             k = np.take(keys, p)
             beyond = k < hb  # the whole first window is below h: the entry may be further on
@@ -211,10 +225,12 @@ class IdTable:
                 p[idx] = pp
                 k[idx] = np.take(keys, pp)
             r = np.take(rows, p)
-            m = (k != hb) | (r < 0)
-            r = r.astype(np.int64, copy=False)
-            r[m] = -1
+            m = k != hb
+            if (hb == _PAD_KEY).any():  # h = 2**64 - 1 may match the padding's key
+                m |= r < 0
             out[a:b] = r
+            if m.any():
+                out[a:b][m] = -1
             miss[a:b] = m
 
     def _lookup_torch(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
