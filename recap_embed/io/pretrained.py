@@ -48,8 +48,8 @@ Memory, measured (one process, a 409,600 x 128 fp32 table = 200 MiB saved by ``S
 27-42 MiB, ``staging=True`` 226-258 MiB (the 200 MiB staging copy plus the same); for comparison
 torchsnapshot's ``read_object`` into the table 204 MiB and ``Snapshot.restore`` 204 MiB.
 With ``staging=False`` (default) rows are copied into the weights as they arrive: peak extra
-memory is two blocks (the one being copied and the one being read) plus an 8 MiB checksum
-temporary, but an I/O error in the middle of a table leaves that table partly written (the error
+memory is a block (two half blocks: the one being copied and the one being read) plus an 8 MiB
+checksum temporary, but an I/O error in the middle of a table leaves that table partly written (the error
 says so and names it; load again, or start from fresh weights: at start-up the weights are only
 their random initialisation). With ``staging=True`` the rows of a table are first read into a
 staging copy of this rank's local shards (host memory, destination dtype), then copied in one go:
@@ -672,13 +672,14 @@ def _blocks(reader: SnapshotReader, task: _Task, chunk_bytes: int, rows: Optiona
 
     The view yielded is valid until the next block is requested. With `read_ahead`, a second
     buffer is filled by a background thread while the caller works on the current block, so that
-    conversion, copy and checksums overlap the I/O (``readinto`` and torch release the GIL):
-    twice the buffer memory, and a load goes at the disk's speed instead of disk + CPU.
+    conversion, copy and checksums overlap the I/O (``readinto`` and torch release the GIL); each
+    buffer is then half a block, so the memory bound stays `chunk_bytes`.
     """
     p = task.piece
     row_bytes = p.row_bytes
-    step = max(1, chunk_bytes // max(row_bytes, 1))
     r0, r1 = rows if rows is not None else (task.lo[0], task.hi[0])
+    # Two buffers of half the block each: the memory bound stays `chunk_bytes`.
+    step = max(1, (chunk_bytes // (2 if read_ahead else 1)) // max(row_bytes, 1))
     starts = list(range(r0, r1, step))
     if not starts:
         return
