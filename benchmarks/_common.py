@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -77,12 +78,16 @@ def machine() -> Dict[str, Any]:
 
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 2,
-                after: Optional[Callable[[], None]] = None, rotate: bool = True) -> Dict[str, List[float]]:
+                after: Optional[Callable[[], None]] = None, rotate: bool = True,
+                shuffle_seed: Optional[int] = None) -> Dict[str, List[float]]:
     """Run A, B, C, then B, C, A, then C, A, B, ... `reps` rounds (after `warmup` untimed rounds).
 
     Every arm runs once per round, so load drift hits all arms alike; the order rotates from
-    round to round so that no arm always follows the same neighbour (what one arm leaves in the
-    caches, or the allocator, would otherwise bias the next one). Returns seconds per call.
+    round to round so that no arm is always first. A rotation keeps the cyclic order, though:
+    each arm still follows the same neighbour in all rounds but one, and what that neighbour
+    leaves in the caches or the allocator biases it (seen here: the arms right after a plain
+    torch step with large sparse gradients ran 5-25% slower, decaying along the cycle). With
+    `shuffle_seed` every round gets its own random order instead. Returns seconds per call.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -91,9 +96,13 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 2
             if after:
                 after()
     times: Dict[str, List[float]] = {name: [] for name in fns}
+    rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
     for r in range(reps):
         k = r % len(names) if rotate else 0
-        for name in names[k:] + names[:k]:
+        order = names[k:] + names[:k]
+        if rng is not None:
+            rng.shuffle(order)
+        for name in order:
             fn = fns[name]
             t0 = time.perf_counter()
             fn()

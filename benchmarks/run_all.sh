@@ -20,6 +20,8 @@ run benchmarks/bench_pretrained_load.py --profile --out "$OUT/pretrained_load.js
 run benchmarks/bench_train_app.py --out "$OUT/train_app.json"
 # Builds (once, then reuses) two venvs under ~/.cache/recap_embed/bench_venvs: about 4 minutes the first time.
 run benchmarks/bench_neighbour.py --out "$OUT/neighbour.json"
+# On a CUDA machine only (without CUDA it says so and exits 0): BENCHMARKS.md section 9.
+run benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
 # Optional: the same train step with 2 torch threads (on a shared 2-core machine this mostly shows
 # how badly 2-thread regions stall; see BENCHMARKS.md "Method").
 # run benchmarks/bench_train_step.py --threads 2 --what-if --reps 80 --out "$OUT/train_step_2threads.json"

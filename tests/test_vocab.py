@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recap_embed.config import ConfigValidationError, validate
 from recap_embed.config.schema import EmbeddingBagConfig, LargeEmbeddingsConfig, OovPolicy
+from recap_embed.io import _id_table as id_table
 from recap_embed.io import vocab as vocab_module
 from recap_embed.io.vocab import Vocab, VocabError, VocabMapper, hash_ids, save_vocab
 
@@ -102,21 +103,68 @@ def test_map_matches_dict_reference(entries, extra, policy, buckets, data):
 
 
 @pytest.mark.parametrize("policy", [OovPolicy.default_row, OovPolicy.hash])
-def test_large_batch_sorted_path_matches_reference(tmp_path, policy):
-    """Batches above the sort threshold take the sort-then-search path; same answers, same shape."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_large_batch_over_several_chunks_and_threads_matches_reference(tmp_path, monkeypatch, policy, threads):
+    """Batches of several probe chunks, split over threads; same answers, same shape."""
+    monkeypatch.setattr(vocab_module, "_IDS_PER_THREAD", 1000)
     rng = np.random.default_rng(0)
     ids = np.unique(rng.integers(-(2**63), 2**63 - 1, size=5000, dtype=np.int64))
     rows = rng.integers(0, 3000, size=ids.size)
     save_vocab(tmp_path / "v", ids, rows, num_files=3)
     v = load(tmp_path / "v", oov_policy=policy, oov_buckets=16 if policy is OovPolicy.hash else 0)
-    n = vocab_module._SORT_THRESHOLD + 1000
+    n = 3 * id_table.CHUNK + 1000
     queries = np.where(rng.random(n) < 0.8, rng.choice(ids, size=n), rng.integers(-(2**63), 2**63 - 1, size=n))
     entries = dict(zip(ids.tolist(), rows.tolist()))
     batch = torch.from_numpy(queries).view(-1, 8)
-    out = v.map(batch)
+    out = v.map(batch, threads=threads)
     assert out.shape == batch.shape and out.dtype == torch.int64
     assert out.view(-1).tolist() == ref_map(entries, queries.tolist(), policy, 16)
     assert v.oov_hits == sum(q not in entries for q in queries.tolist())
+
+
+def test_mixing_is_a_bijection_and_the_torch_probe_agrees():
+    """Keys are mixed ids (no id stored), so mix must be invertible; the torch probe (used on other
+    devices) must give what the numpy one gives, including ids whose mixed key is 0 or 2**64-1
+    (the padding's key)."""
+    edge = id_table.unmix(np.array([0, (1 << 64) - 1, 1 << 63, (1 << 63) - 1], dtype=np.uint64))
+    rng = np.random.default_rng(1)
+    xs = np.concatenate([edge, rng.integers(-(2**63), 2**63 - 1, size=20000, dtype=np.int64), np.arange(-50, 50)])
+    assert np.array_equal(id_table.unmix(id_table.mix(xs)), xs)
+    for keep in (slice(0, None), slice(4, None)):  # edge ids in the vocab, then only queried
+        ids = np.unique(xs[keep])
+        v = Vocab(ids, rng.integers(0, 2**40, size=ids.size), table="user", oov_policy="default_row")
+        queries = torch.from_numpy(np.concatenate([xs, rng.integers(-(2**63), 2**63 - 1, size=5000, dtype=np.int64)]))
+        rows_np, miss_np = v._table.lookup(queries)
+        rows_t, miss_t = v._table._lookup_torch(queries)
+        assert torch.equal(rows_np, rows_t) and torch.equal(miss_np, miss_t)
+        known = dict(zip(ids.tolist(), v.entries()[1].tolist()))
+        assert miss_np.tolist() == [q not in known for q in queries.tolist()]
+        assert [r for r, m in zip(rows_np.tolist(), miss_np.tolist()) if not m] == [known[q] for q in queries.tolist() if q in known]
+        got_ids, got_rows = v.entries()
+        assert got_ids.tolist() == sorted(ids.tolist())
+
+
+def test_ids_crowding_one_home_slot_are_all_found():
+    """Ids whose mixed keys are consecutive share a home slot: the entries spread over hundreds
+    of slots after it, and the probe window grows to cover them."""
+    crowd = id_table.unmix(np.arange(1 << 60, (1 << 60) + 300, dtype=np.uint64))
+    others = np.random.default_rng(2).integers(-(2**63), 2**63 - 1, size=700, dtype=np.int64)
+    ids = np.concatenate([crowd, others])
+    v = Vocab(ids, np.arange(ids.size), table="user", oov_policy="default_row")
+    assert v._table.window >= 256
+    near = id_table.unmix(np.arange((1 << 60) - 5, (1 << 60) + 305, dtype=np.uint64))  # the crowd and its neighbours
+    queries = torch.from_numpy(np.concatenate([ids, near]))
+    want = {int(i): r for r, i in enumerate(ids.tolist())}
+    assert v.map(queries).tolist() == [want.get(q, ids.size) for q in queries.tolist()]
+    assert torch.equal(v._table._lookup_torch(queries)[0], v._table.lookup(queries)[0])
+
+
+def test_large_table_memory_is_16_bytes_per_entry():
+    ids = np.arange(100_000, dtype=np.int64) * 7919
+    v = Vocab(ids, np.arange(ids.size), table="user")
+    assert v.nbytes / len(v) <= 16.01
+    big_rows = Vocab(ids[:1000], np.arange(1000) + 2**33, table="user")  # rows past int32: 8-byte rows
+    assert big_rows.map(torch.tensor([ids[5]])).tolist() == [5 + 2**33]
 
 
 def test_map_accepts_int32_and_empty_batches():
@@ -175,7 +223,8 @@ def test_num_embeddings_is_derived_per_policy(tmp_path):
 def test_memory_is_16_bytes_per_entry(tmp_path):
     save_vocab(tmp_path / "v", np.arange(1000, dtype=np.int64) * 7, np.arange(1000)[::-1].copy())
     v = load(tmp_path / "v")
-    assert len(v) == 1000 and v.nbytes == 16_000
+    # 1/0.75 slots of an 8-byte key and a 4-byte row per entry, plus a few padding slots
+    assert len(v) == 1000 and 16_000 <= v.nbytes <= 16_000 * 1.02
     assert v.ids.dtype == v.rows.dtype == torch.int64
     assert bool((v.ids[1:] > v.ids[:-1]).all())
 

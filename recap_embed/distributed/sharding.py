@@ -65,6 +65,7 @@ def shard(
     device: Optional[Any] = None,
     pg: Optional[Any] = None,
     init_data_parallel: bool = True,
+    single_rank_fast_path: bool = True,
 ) -> nn.Module:
     """Place the tables of every `LargeEmbeddings` in `module` and return a trainable model.
 
@@ -77,6 +78,9 @@ def shard(
         pg: process group to shard over; default: the default group (created for one process).
         init_data_parallel: wrap the other modules in DDP now (False: call
             ``model.init_data_parallel()`` after a first forward materialised lazy modules).
+        single_rank_fast_path: with one rank, call the tables' kernels directly instead of
+            torchrec's distributed forward, and skip DDP (`recap_embed.distributed.single_rank`;
+            same results, same state). False: torchrec's path, as with several ranks.
 
     Returns:
         torchrec ``DistributedModelParallel``: call it like `module`; ``.fused_optimizer`` holds
@@ -115,14 +119,19 @@ def shard(
     _check_weight_decay(plan, modules, dev.type)
     _check_memory(plan, modules, dev, world_size, local_size, pg)
     _warn_rowwise_state_on_column_shards(plan, modules)
+    one_rank = single_rank_fast_path and pg.size() == 1
     model = DistributedModelParallel(
         module,
         env=ShardingEnv.from_process_group(pg),
         device=dev,
         plan=plan,
         sharders=get_default_sharders(),
-        init_data_parallel=init_data_parallel,
+        init_data_parallel=init_data_parallel and not one_rank,  # DDP over one rank is an identity
     )
+    if one_rank:
+        from .single_rank import install_single_rank_path
+
+        install_single_rank_path(model)
     if (pg.rank() if hasattr(pg, "rank") else 0) == 0:
         logger.info("embedding placement:\n%s", format_plan(describe_plan(model)))
     return model

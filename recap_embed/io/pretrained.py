@@ -39,18 +39,22 @@ read with ``readinto`` straight into that buffer; other URIs (``s3://``, ``gs://
 plugins) go through torchsnapshot's storage plugin as byte-range reads (one more temporary of a
 block). A rank reads only the rows its shards need; a column shard reads whole rows of the saved
 piece and keeps its columns (I/O of whole rows, memory still bounded by ``chunk_bytes``); two
-local shards of one table read their rows separately. Reads are sequential, one block in flight.
+local shards of one table read their rows separately. Reads are sequential, one block in flight,
+and the next block is read by a background thread while the current one is converted, copied
+and checksummed, so a cold load goes at the disk's speed (BENCHMARKS.md §6).
 
 Memory, measured (one process, a 409,600 x 128 fp32 table = 200 MiB saved by ``Snapshot.take``,
-``chunk_bytes`` = 16 MiB, peak RSS above the RSS before the load): ``staging=False`` 27-42 MiB,
-``staging=True`` 226-258 MiB (the 200 MiB staging copy plus the same); for comparison
+``chunk_bytes`` = 16 MiB, peak RSS above the RSS before the load, one read buffer): ``staging=False``
+27-42 MiB, ``staging=True`` 226-258 MiB (the 200 MiB staging copy plus the same); for comparison
 torchsnapshot's ``read_object`` into the table 204 MiB and ``Snapshot.restore`` 204 MiB.
-With ``staging=True`` (default) the rows of a table are first read into a staging copy of this
-rank's local shards (host memory, destination dtype), then copied in one go: peak extra memory is
-the local shards of the largest table plus a block and an 8 MiB checksum temporary. With
-``staging=False`` rows are copied into the weights as they arrive: peak extra memory is a block
-plus the checksum temporary, but an I/O error in the middle of a table leaves that table partly
-written (the error says so). Before any table is read every file the load needs is checked to
+With ``staging=False`` (default) rows are copied into the weights as they arrive: peak extra
+memory is a block (two half blocks: the one being copied and the one being read) plus an 8 MiB
+checksum temporary, but an I/O error in the middle of a table leaves that table partly written (the error
+says so and names it; load again, or start from fresh weights: at start-up the weights are only
+their random initialisation). With ``staging=True`` the rows of a table are first read into a
+staging copy of this rank's local shards (host memory, destination dtype), then copied in one go:
+peak extra memory is the local shards of the largest table on top, and a failed read leaves the
+table untouched; use it to load into weights that already hold something worth keeping. Before any table is read every file the load needs is checked to
 exist and to be long enough (``stat`` locally, a 1-byte read elsewhere), so a truncated or
 incomplete snapshot fails before the first write in both modes.
 
@@ -65,7 +69,10 @@ Verification: after the copy the destination is fetched again from ``model.state
 (1) an exact checksum of the bits of every local shard is compared with the checksum of the
 values read, (2) the first, middle and last rows of each local shard are read again from the
 snapshot and compared bit for bit. A mismatch raises: a copy that silently did not reach the
-weights cannot pass.
+weights cannot pass. When streaming, each block of the destination is read back and summed right
+after its copy (overlapping the next read); when the shard fetched again is that same memory
+(same address, shape and strides) those sums are its checksum, otherwise (the model handed out a
+copy) the shard is summed again.
 
 Partial rows: a snapshot whose table has a different row count is an error naming both shapes
 and the config path (``<table path>.pretrained``) unless ``allow_partial_rows`` is set; then the
@@ -138,6 +145,9 @@ logger = logging.getLogger(__name__)
 
 #: Largest block of rows read at once (a single row is read whole even if larger).
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+
+#: Read the next block in a background thread while the current one is copied (see `_blocks`).
+READ_AHEAD = True
 
 METADATA_FILE = ".snapshot_metadata"  # torchsnapshot's manifest, written last by `take`
 
@@ -620,6 +630,8 @@ class CopyPlan:
     tasks: List[List[_Task]]  # per region
     expected: List[int] = field(default_factory=list)  # checksums of what was copied, per region
     bytes_read: int = 0  # by this rank, for this plan (verification reads included)
+    written: Optional[List[int]] = None  # streaming: checksums of the destination right after the copy
+    storage: Optional[List[Tuple[Any, ...]]] = None  # streaming: the memory each region was written to
 
     @property
     def elements(self) -> int:
@@ -706,26 +718,57 @@ def checksum(t: torch.Tensor) -> int:
     return total
 
 
-def _blocks(reader: SnapshotReader, task: _Task, chunk_bytes: int, rows: Optional[Tuple[int, int]] = None):
+def _blocks(reader: SnapshotReader, task: _Task, chunk_bytes: int, rows: Optional[Tuple[int, int]] = None,
+            read_ahead: bool = False):
     """(global first row, source view) per block of at most `chunk_bytes` rows of one task.
 
-    One buffer per task is reused for every block: the view yielded is valid until the next
-    block is requested.
+    The view yielded is valid until the next block is requested. With `read_ahead`, a second
+    buffer is filled by a background thread while the caller works on the current block, so that
+    conversion, copy and checksums overlap the I/O (``readinto`` and torch release the GIL); each
+    buffer is then half a block, so the memory bound stays `chunk_bytes`.
     """
     p = task.piece
     row_bytes = p.row_bytes
-    step = max(1, chunk_bytes // max(row_bytes, 1))
     r0, r1 = rows if rows is not None else (task.lo[0], task.hi[0])
-    buffer = torch.empty(min(step, r1 - r0) * row_bytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
-    for r in range(r0, r1, step):
+    # Two buffers of half the block each: the memory bound stays `chunk_bytes`.
+    step = max(1, (chunk_bytes // (2 if read_ahead else 1)) // max(row_bytes, 1))
+    starts = list(range(r0, r1, step))
+    if not starts:
+        return
+    read_ahead = read_ahead and len(starts) > 1
+    buffers = [torch.empty(min(step, r1 - r0) * row_bytes, dtype=torch.uint8) for _ in range(2 if read_ahead else 1)]
+    views = [memoryview(b.numpy()) for b in buffers]
+
+    def read(k: int) -> None:
+        r = starts[k]
         n = min(step, r1 - r)
-        start = p.byte_start + (r - p.offsets[0]) * row_bytes
-        reader.read_range_into(p.location, start, view[: n * row_bytes])
-        src = buffer[: n * row_bytes].view(p.dtype).view((n,) + p.sizes[1:])
+        reader.read_range_into(p.location, p.byte_start + (r - p.offsets[0]) * row_bytes, views[k % len(views)][: n * row_bytes])
+
+    def view(k: int) -> torch.Tensor:
+        n = min(step, r1 - starts[k])
+        src = buffers[k % len(buffers)][: n * row_bytes].view(p.dtype).view((n,) + p.sizes[1:])
         for d in range(1, len(p.sizes)):
             src = src.narrow(d, task.lo[d] - p.offsets[d], task.hi[d] - task.lo[d])
-        yield r, src
+        return src
+
+    if not read_ahead:
+        for k, r in enumerate(starts):
+            read(k)
+            yield r, view(k)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recap_embed-read") as pool:
+        pending = pool.submit(read, 0)
+        try:
+            for k, r in enumerate(starts):
+                pending.result()
+                # The caller is done with block k - 1, whose buffer the next read reuses.
+                pending = pool.submit(read, k + 1) if k + 1 < len(starts) else None
+                yield r, view(k)
+        finally:
+            if pending is not None:  # stopped early: let the read in flight finish before the buffer goes
+                pending.exception()
 
 
 def _dest_view(target: torch.Tensor, region_offsets: Tuple[int, ...], task: _Task, r: int, n: int) -> torch.Tensor:
@@ -739,29 +782,39 @@ def read_into(
     reader: SnapshotReader, plan: CopyPlan, *, chunk_bytes: int, staging: bool, require_finite: bool = True
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Read every block of `plan`, into staging buffers (returned as (fill, staged) pairs to commit)
-    or straight into the destination (returns []). Sets ``plan.expected``.
+    or straight into the destination (returns []). Sets ``plan.expected`` (checksums of the values
+    read); streaming also sets ``plan.written`` (checksums of the destination blocks read back
+    right after each copy, while the next block is being read) and ``plan.storage``.
 
     With `require_finite`, a float block holding nan or inf raises `NonFiniteSnapshotError` before
     it is copied (a table of NaNs would train to NaN without a word)."""
     staged = []
     plan.expected = []
+    plan.written = None if staging else []
+    plan.storage = [] if not staging else None
     before = reader.bytes_read
     with torch.no_grad():
         for region, tasks in zip(plan.regions, plan.tasks):
             fill = region.fill
             target = torch.empty(fill.shape, dtype=fill.dtype) if staging else fill
-            expected = 0
+            expected = written = 0
             for task in tasks:
-                for r, src in _blocks(reader, task, chunk_bytes):
+                for r, src in _blocks(reader, task, chunk_bytes, read_ahead=READ_AHEAD):
                     conv = src if src.dtype == target.dtype else src.to(target.dtype)
                     if require_finite and conv.is_floating_point():
                         _check_finite(conv, plan.source, r)
                     expected += checksum(conv)
-                    _dest_view(target, region.offsets, task, r, src.shape[0]).copy_(conv)
-                    del src, conv
+                    dest = _dest_view(target, region.offsets, task, r, src.shape[0])
+                    dest.copy_(conv)
+                    if not staging:
+                        written += checksum(dest)
+                    del src, conv, dest
             plan.expected.append(expected)
             if staging:
                 staged.append((fill, target))
+            else:
+                plan.written.append(written)
+                plan.storage.append(_storage_key(fill))
     plan.bytes_read += reader.bytes_read - before
     return staged
 
@@ -779,6 +832,11 @@ def _check_finite(block: torch.Tensor, source: SourceTensor, first_row: int) -> 
     )
 
 
+def _storage_key(t: torch.Tensor) -> Tuple[Any, ...]:
+    """What makes two tensors the same memory: device, address, shape, strides, dtype."""
+    return (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def commit(staged: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for fill, target in staged:
@@ -790,9 +848,14 @@ def verify(reader: Optional[SnapshotReader], plan: CopyPlan, fresh: List[Region]
     if [r.offsets for r in fresh] != [r.offsets for r in plan.regions]:
         raise SnapshotLoadError(f"{what}: the destination's local blocks changed during the load")
     before = reader.bytes_read if reader is not None else 0
-    for region, tasks, expected in zip(fresh, plan.tasks, plan.expected):
+    for i, (region, tasks, expected) in enumerate(zip(fresh, plan.tasks, plan.expected)):
         fill = region.fill
-        found = checksum(fill)
+        if plan.written is not None and plan.storage is not None and plan.storage[i] == _storage_key(fill):
+            # The weights fetched again are the memory the blocks were copied into and read back
+            # from right after the copy: that read-back checksum is this memory's.
+            found = plan.written[i]
+        else:  # another tensor (a copy, or a staged load): sum what the model holds now
+            found = checksum(fill)
         if found != expected:
             raise SnapshotLoadError(
                 f"{what}: after the copy the destination block at {list(region.offsets)} does not hold the "
@@ -901,7 +964,7 @@ def load_pretrained(
     specs: Iterable[TableSpec],
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    staging: bool = True,
+    staging: bool = False,
     verify_rows: bool = True,
     storage_options: Optional[Dict[str, Any]] = None,
     pg: Any = None,
@@ -913,7 +976,8 @@ def load_pretrained(
     how entries are matched, read, checked and verified. Raises `PretrainedError` (names, shapes,
     entry types; the message names the config path) or `SnapshotReadError` (missing, truncated
     or corrupt snapshots; names the path) before writing anything when the problem can be seen
-    in the manifest or the file sizes.
+    in the manifest or the file sizes. ``staging=True`` reads each table into a copy first (a
+    failed read then leaves it untouched; memory: the largest local table on top).
     """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")

@@ -2,8 +2,10 @@
 
 A table's ``vocab`` is a directory of parquet files with two integer columns, ``id`` (the raw
 id, any 64-bit value, negative included) and ``row`` (its row in the table). A `Vocab` keeps
-the ids sorted next to their rows, two int64 arrays and nothing else (16 bytes per entry), and
-maps a batch of ids with one vectorised binary search.
+them in an ordered hash table of mixed keys and rows (`recap_embed.io._id_table`: 16 bytes per
+entry) and maps a batch with a few vectorised passes per 16k ids (about one cache miss per id;
+2.5-3x pandas' ``Index.get_indexer`` on one thread, see BENCHMARKS.md §3), optionally over
+several threads.
 
 Row layout. Vocab rows are exactly what the files say (several ids may share a row, rows may
 have holes). The rows reserved for unknown ids come right after the largest vocab row ``M``:
@@ -32,6 +34,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recap_embed.config.schema import OovPolicy
 from recap_embed.errors import UserError
 
+from ._id_table import IdTable
+
 __all__ = ["Vocab", "VocabError", "VocabMapper", "hash_ids", "save_vocab"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -41,9 +45,8 @@ ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[int]]
 ID_COLUMN = "id"
 ROW_COLUMN = "row"
 
-#: Batches at least this large are sorted before the binary search: sorted keys walk the vocab
-#: in order, which keeps it in cache: 1.5-3x faster on a 10M-entry vocab (see `Vocab.map`).
-_SORT_THRESHOLD = 4096
+#: Batches below this many ids per thread are mapped on the calling thread alone.
+_IDS_PER_THREAD = 1 << 20
 
 _SHOW = 5  # ids shown in an error message
 
@@ -193,7 +196,7 @@ def _check_layout(
 
 
 class Vocab:
-    """Sorted raw ids and their rows (16 bytes per entry) plus the OOV policy of one table.
+    """Raw ids and their rows in a hash table (16 bytes per entry) plus the OOV policy of one table.
 
     Build one with `Vocab.load` (a parquet directory) or from arrays; `map` turns ids into rows.
     `lookups` and `oov_hits` count what `map` saw since the last `reset_counts`, for logging.
@@ -211,9 +214,9 @@ class Vocab:
         config_path: str = "",
         source: str = "",
     ) -> None:
-        """Validates and sorts copies of `ids`/`rows`; `source` names where they came from in messages."""
+        """Validates `ids`/`rows` and builds the table; `source` names where they came from in messages."""
         self._init(ids, rows, table=table, num_embeddings=num_embeddings, oov_policy=oov_policy,
-                   oov_buckets=oov_buckets, config_path=config_path, source=source, owned=False, locate=None)
+                   oov_buckets=oov_buckets, config_path=config_path, source=source, locate=None)
 
     def _init(
         self,
@@ -226,10 +229,9 @@ class Vocab:
         oov_buckets: int,
         config_path: str,
         source: str,
-        owned: bool,
         locate: Optional[Callable[[np.ndarray], Dict[int, List[str]]]],
     ) -> None:
-        """`owned`: the arrays are ours to keep (no copy); `locate` finds the files of duplicate ids."""
+        """`locate` finds the files of duplicate ids."""
         self.table = table
         self.config_path = config_path
         ctx = _where(table, config_path)
@@ -244,23 +246,12 @@ class Vocab:
         _check_rows(row_arr, id_arr, source, ctx, _row_budget(num_embeddings, reserved),
                     num_embeddings, self.oov_policy, reserved)
 
-        with warnings.catch_warnings():  # arrow buffers are read-only; the vocab never writes to them
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            sorted_ids = torch.from_numpy(id_arr)
-            sorted_rows = torch.from_numpy(row_arr)
-        if bool((sorted_ids[1:] > sorted_ids[:-1]).all()):  # files written sorted skip the sort
-            if not owned:
-                sorted_ids, sorted_rows = sorted_ids.clone(), sorted_rows.clone()
-        else:
-            sorted_ids, order = torch.sort(sorted_ids, stable=True)
-            sorted_rows = sorted_rows[order]
-            del order
-            dup = sorted_ids[1:] == sorted_ids[:-1]
-            if bool(dup.any()):
-                _raise_duplicates(sorted_ids, sorted_rows, dup, source, ctx, locate)
-        self._ids = sorted_ids
-        self._rows = sorted_rows
-        self.max_row = int(sorted_rows.max())
+        table, ids_h, rows_h, dup = IdTable.build(id_arr, row_arr)
+        if table is None:
+            _raise_duplicates(torch.from_numpy(ids_h), torch.from_numpy(rows_h), torch.from_numpy(dup), source, ctx, locate)
+        del ids_h, rows_h
+        self._table: IdTable = table
+        self.max_row = int(row_arr.max())
         # _check_rows guarantees required_rows <= num_embeddings.
         self.num_embeddings = self.required_rows if num_embeddings is None else int(num_embeddings)
         self.lookups = 0
@@ -326,7 +317,7 @@ class Vocab:
         vocab = cls.__new__(cls)
         vocab._init(
             ids, rows, table=table, num_embeddings=num_embeddings, oov_policy=policy, oov_buckets=oov_buckets,
-            config_path=config_path, source=f"directory {str(directory)!r}", owned=True, locate=locate,
+            config_path=config_path, source=f"directory {str(directory)!r}", locate=locate,
         )
         return vocab
 
@@ -361,27 +352,33 @@ class Vocab:
         """Rows the table needs: vocab rows, then 1 (default_row) or `oov_buckets` (hash) rows."""
         return self.oov_row + self._reserved_count()
 
+    def entries(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(ids, rows): every raw id, sorted, and its row (int64 CPU tensors, built on each call)."""
+        ids, rows = self._table.entries()
+        ids, order = torch.sort(ids)
+        return ids, rows[order]
+
     @property
     def ids(self) -> torch.Tensor:
-        """The sorted raw ids (int64); do not modify."""
-        return self._ids
+        """The sorted raw ids (int64; built on each access, see `entries`)."""
+        return self.entries()[0]
 
     @property
     def rows(self) -> torch.Tensor:
-        """The row of each id in `ids` (int64); do not modify."""
-        return self._rows
+        """The row of each id in `ids` (int64; built on each access, see `entries`)."""
+        return self.entries()[1]
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the vocab: 16 bytes per entry."""
-        return self._ids.element_size() * self._ids.numel() + self._rows.element_size() * self._rows.numel()
+        """Memory held by the vocab: 16 bytes per entry (21.3 when a row does not fit in int32)."""
+        return self._table.nbytes
 
     @property
     def device(self) -> torch.device:
-        return self._ids.device
+        return self._table.keys.device
 
     def __len__(self) -> int:
-        return self._ids.numel()
+        return self._table.size
 
     def __repr__(self) -> str:
         return (
@@ -390,41 +387,34 @@ class Vocab:
         )
 
     def to(self, device: Union[str, torch.device]) -> "Vocab":
-        """Moves the arrays (e.g. to the GPU that holds the batches); returns self."""
-        self._ids = self._ids.to(device)
-        self._rows = self._rows.to(device)
+        """Moves the table (e.g. to the GPU that holds the batches; it is then probed with torch
+        ops there); returns self."""
+        self._table.to(torch.device(device))
         return self
 
     # ------------------------------------------------------------------ mapping
 
-    def map(self, ids: torch.Tensor) -> torch.Tensor:
+    def map(self, ids: torch.Tensor, threads: Optional[int] = None) -> torch.Tensor:
         """Rows (int64, same shape and device as `ids`) of raw ids, OOV ids per the policy.
 
-        Large batches are sorted first so that the binary searches walk the vocab in order.
+        `threads`: threads to probe with (default ``torch.get_num_threads()``; batches below a
+        million ids per thread use fewer, a small batch only the calling thread).
         """
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise VocabError(f"{_where(self.table, self.config_path)}: ids must be an integer tensor (int64), got {ids.dtype}")
-        flat = ids.reshape(-1).to(device=self._ids.device, dtype=torch.int64)
+        flat = ids.reshape(-1).to(device=self.device, dtype=torch.int64).contiguous()
         n = flat.numel()
         self.lookups += n
         if n == 0:
             return torch.empty(ids.shape, dtype=torch.int64, device=ids.device)
-        order: Optional[torch.Tensor] = None
-        keys = flat
-        if n >= _SORT_THRESHOLD:
-            keys, order = torch.sort(flat)
-        pos = torch.searchsorted(self._ids, keys).clamp_(max=self._ids.numel() - 1)
-        out = self._rows[pos]
-        miss = self._ids[pos] != keys
-        del pos
+        if threads is None:
+            threads = torch.get_num_threads()
+        threads = max(1, min(int(threads), n // _IDS_PER_THREAD))
+        out, miss = self._table.lookup(flat, threads=threads)
         n_miss = int(miss.sum())
         if n_miss:
             self.oov_hits += n_miss
-            self._fill_oov(out, keys, miss, n_miss, n)
-        if order is not None:
-            unsorted = torch.empty_like(out)
-            unsorted[order] = out
-            out = unsorted
+            self._fill_oov(out, flat, miss, n_miss, n)
         return out.view(ids.shape).to(ids.device)
 
     def _fill_oov(self, out: torch.Tensor, keys: torch.Tensor, miss: torch.Tensor, n_miss: int, n: int) -> None:
@@ -533,7 +523,7 @@ def save_vocab(
     if target.exists() and not overwrite:
         raise FileExistsError(f"save_vocab: {str(directory)!r} exists; remove it or pass overwrite=True")
     checked = Vocab(ids, rows, table=target.name, source=f"save_vocab({str(directory)!r})")
-    sorted_ids, sorted_rows = checked.ids.numpy(), checked.rows.numpy()
+    sorted_ids, sorted_rows = (t.numpy() for t in checked.entries())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     old: Optional[Path] = None
