@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -336,16 +335,16 @@ class Vocab:
         """R: the first row after the vocab rows, where the reserved OOV rows start."""
         return self.max_row + 1
 
-
     def fingerprint(self) -> Dict[str, Any]:
         """``{"entries", "sha256"}`` of the (id, row) pairs in id order: equal iff every id has the same row.
         Checkpoints record it, so rows are never loaded under another vocabulary."""
         import hashlib
 
+        ids, rows = self.entries()
         digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self._ids.numpy(), dtype=np.int64).tobytes())
-        digest.update(np.ascontiguousarray(self._rows.numpy(), dtype=np.int64).tobytes())
-        return {"entries": int(self._ids.numel()), "sha256": digest.hexdigest()}
+        digest.update(np.ascontiguousarray(ids.numpy(), dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(rows.numpy(), dtype=np.int64).tobytes())
+        return {"entries": int(ids.numel()), "sha256": digest.hexdigest()}
 
     @property
     def required_rows(self) -> int:
