@@ -590,6 +590,7 @@ def cli_results(tmp_path_factory, assets: Dict[str, Path]) -> Dict[str, Tuple[in
         return dict(zip(order, pool.map(run, order)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CLI))
 def test_console_script(cli_results: Dict[str, Tuple[int, str, Path]], name: str) -> None:
     case = CLI[name]

@@ -16,6 +16,9 @@ from typing import Dict, Iterator, Tuple
 
 import pytest
 
+# Real training runs and subprocesses: deselect with -m "not slow" for a fast loop.
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 #: script -> keys its --quick JSON must hold

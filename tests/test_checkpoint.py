@@ -210,6 +210,7 @@ def _one_rank_run(rank: int, world: int, root: str) -> Dict[str, Any]:
     return {"step": step, "restored": snapshot_of(state), "progress": state["progress"]["step"]}
 
 
+@pytest.mark.slow
 def test_resume_is_exact_async_and_two_ranks_to_one(tmp_path):
     root = str(tmp_path)
     saved = run_ranks(_save_run, 2, root, timeout=150)

@@ -28,6 +28,9 @@ from torchsnapshot import Snapshot, StateDict
 from multiprocess import free_port
 from recap_embed.io.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints, restore_checkpoint, save_checkpoint
 
+# Real training runs and subprocesses: deselect with -m "not slow" for a fast loop.
+pytestmark = pytest.mark.slow
+
 ELEMENTS = 50 * 1024 * 1024  # float32: 200 MiB
 RUN_LIMIT = 60.0  # seconds a failing 2-rank job may take, start-up included
 

@@ -17,6 +17,9 @@ import yaml
 
 from recap_embed.io.checkpoint import checkpoint_step, list_checkpoints
 
+# Real training runs and subprocesses: deselect with -m "not slow" for a fast loop.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
 
 TINY = [

@@ -109,6 +109,7 @@ def test_small_plan_rows_bytes_and_rank_totals(overrides, optimizer_bytes):
 # --------------------------------------------------------------------------- scale
 
 
+@pytest.mark.slow
 def test_huge_config_fits_in_under_30_seconds():
     from recap_embed.plan import plan_report
 
@@ -181,6 +182,7 @@ def _shard_with_plan_file(rank: int, world_size: int, embeddings: Dict[str, Any]
     }
 
 
+@pytest.mark.slow
 def test_cli_plan_file_reproduces_the_plan_in_a_two_rank_run(tmp_path):
     from recap_embed.distributed import load_plan_file
     from recap_embed.plan import plan_report

@@ -14,6 +14,9 @@ import pytest
 
 from conftest import TESTS
 
+# Real training runs and subprocesses: deselect with -m "not slow" for a fast loop.
+pytestmark = pytest.mark.slow
+
 REPO = TESTS.parent
 # The default run (about 10 s on 2 cores) with the progress bar off.
 DEFAULT = ["train.progress=false"]
