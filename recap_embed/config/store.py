@@ -9,10 +9,10 @@ that composes without plugin discovery.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from .schema import (
@@ -41,6 +41,8 @@ SECTIONS = {
 
 def register_configs() -> None:
     """Store every section schema as ``recap_embed/schema/<section>``; idempotent."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     for section, schema in SECTIONS.items():
         cs.store(group=SCHEMA_GROUP, name=section, node=schema, provider=PROVIDER)
@@ -66,7 +68,9 @@ def options(group: str) -> List[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
-def _optimizer_options() -> Dict[str, EmbeddingOptimizerConfig]:
+@lru_cache(maxsize=None)
+def optimizer_options() -> Dict[str, EmbeddingOptimizerConfig]:
+    """The ``embeddings/optimizer`` options, typed (read from their YAML files on first use)."""
     out = {}
     for name in options(f"{EMBEDDINGS_KEY}/optimizer"):
         values = OmegaConf.to_container(preset(f"{EMBEDDINGS_KEY}/optimizer", name))
@@ -76,7 +80,7 @@ def _optimizer_options() -> Dict[str, EmbeddingOptimizerConfig]:
     return out
 
 
-#: The ``embeddings/optimizer`` options, typed (read from their YAML files).
-OPTIMIZERS: Dict[str, EmbeddingOptimizerConfig] = _optimizer_options()
-#: The ``embeddings/lr`` options (their interpolations follow ``init_learning_rate``), unresolved.
-SCHEDULES: Dict[str, DictConfig] = {name: preset(f"{EMBEDDINGS_KEY}/lr", name) for name in options(f"{EMBEDDINGS_KEY}/lr")}
+@lru_cache(maxsize=None)
+def schedule_options() -> Dict[str, DictConfig]:
+    """The ``embeddings/lr`` options (their interpolations follow ``init_learning_rate``), unresolved."""
+    return {name: preset(f"{EMBEDDINGS_KEY}/lr", name) for name in options(f"{EMBEDDINGS_KEY}/lr")}

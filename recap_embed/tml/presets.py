@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from recap_embed.config.errors import ConfigError
 from recap_embed.config.schema import EMBEDDINGS_KEY, EmbeddingOptimizerConfig, LearningRate
-from recap_embed.config.store import OPTIMIZERS, SCHEDULES
+from recap_embed.config.store import optimizer_options, schedule_options
 from recap_embed.files import atomic_write_text
 from recap_embed.tml.formats import SMALL_KEY, STRATIFIERS_KEY, SOURCES, TmlConversion
 
@@ -104,7 +104,7 @@ def _embeddings_preset(emb: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
     """
     opt = emb.get("optimizer") or {}
     algorithm = str(opt.pop("algorithm", "sgd"))
-    if algorithm not in OPTIMIZERS:
+    if algorithm not in optimizer_options():
         raise ValueError(f"{EMBEDDINGS_KEY}.optimizer.algorithm: {algorithm!r} has no embeddings/optimizer option")
     schedule = opt.pop("learning_rate", None) or {}
     chosen = [k for k, v in schedule.items() if v is not None]
@@ -112,7 +112,7 @@ def _embeddings_preset(emb: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
         raise ValueError(f"{EMBEDDINGS_KEY}.optimizer.learning_rate: sets {', '.join(chosen)}; at most one schedule")
     lr_option = chosen[0] if chosen else None
     if lr_option is not None:
-        init = opt.get("init_learning_rate", OPTIMIZERS[algorithm].init_learning_rate)
+        init = opt.get("init_learning_rate", optimizer_options()[algorithm].init_learning_rate)
         differs = _schedule_overrides(lr_option, schedule[lr_option], init)
         if differs is not None:
             opt["learning_rate"] = {lr_option: differs}
@@ -127,7 +127,7 @@ def _embeddings_preset(emb: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
 def _schedule_overrides(option: str, values: Any, init_learning_rate: float) -> Any:
     """What of `values` the `lr` option does not already give (None: nothing)."""
     cfg = OmegaConf.structured(EmbeddingOptimizerConfig(init_learning_rate=init_learning_rate))
-    cfg.learning_rate = OmegaConf.merge(OmegaConf.structured(LearningRate), SCHEDULES[option])
+    cfg.learning_rate = OmegaConf.merge(OmegaConf.structured(LearningRate), schedule_options()[option])
     given = OmegaConf.to_container(cfg.learning_rate, resolve=True)[option]  # type: ignore[index]
     if not isinstance(values, Mapping):
         return None if values == given else values
