@@ -20,6 +20,19 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def write_inline_preset(conf_dir: Path, name: str, tables: int, *, writer: str, table_dim: bool = False) -> Path:
+    """``embeddings/<name>.yaml`` under `conf_dir`: `tables` tables inline in one file (the fast layout
+    for many tables: one YAML to parse), SGD, collection dim 16; `table_dim` gives each its own dim."""
+    lines = [f"# written by benchmarks/{writer}", "defaults:", "  - base", "  - optimizer: sgd", "  - _self_", "",
+             "embedding_dim: 16", "tables:"]
+    for i in range(tables):
+        lines += [f"  t{i:04d}:", f"    num_embeddings: {1000 + i}"] + (["    embedding_dim: 16"] if table_dim else [])
+    path = Path(conf_dir) / "embeddings" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def parser(description: str, threads: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds; checks that it runs, asserts nothing about speed")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, parser, summary, write_json  # noqa: E402
+from _common import ROOT, machine, parser, summary, write_inline_preset, write_json  # noqa: E402
 
 PRESET = "bench100"
 HEAVY = ("torch", "torchrec", "fbgemm_gpu", "pyarrow", "numpy", "torchsnapshot", "matplotlib")
@@ -67,13 +67,8 @@ NO_PLUGIN = (
 
 
 def write_preset(conf_dir: Path, tables: int) -> None:
-    """An inline preset (the fast way to hold many tables: one YAML to parse, see BENCHMARKS.md section 5): one file, all tables."""
-    lines = ["# written by benchmarks/bench_config_commands.py", "defaults:", "  - base", "  - optimizer: sgd",
-             "  - _self_", "", "embedding_dim: 16", "tables:"]
-    for i in range(tables):
-        lines += [f"  t{i:04d}:", f"    num_embeddings: {1000 + i}", "    embedding_dim: 16"]
-    (conf_dir / "embeddings").mkdir(parents=True, exist_ok=True)
-    (conf_dir / "embeddings" / f"{PRESET}.yaml").write_text("\n".join(lines) + "\n")
+    """An inline preset, each table with its own dim (see BENCHMARKS.md section 5)."""
+    write_inline_preset(conf_dir, PRESET, tables, writer="bench_config_commands.py", table_dim=True)
 
 
 def console_script(name: str) -> List[str]:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, interleaved, machine, parser, summary, write_json  # noqa: E402
+from _common import ROOT, interleaved, machine, parser, summary, write_inline_preset, write_json  # noqa: E402
 
 TORCHREC = "torchrec==1.8.0"
 REQUIREMENTS = ROOT / "requirements" / "cpu.txt"
@@ -104,13 +104,8 @@ def write_app(folder: Path, app: str, conf: Dict[str, str]) -> Path:
 
 
 def write_preset(conf_dir: Path, tables: int) -> None:
-    """An inline preset of `tables` typed tables (the layout FACTS recommends for many tables)."""
-    lines = ["# written by benchmarks/bench_neighbour.py", "defaults:", "  - base", "  - optimizer: sgd", "  - _self_", "",
-             "embedding_dim: 16", "tables:"]
-    for i in range(tables):
-        lines += [f"  t{i:04d}:", f"    num_embeddings: {1000 + i}"]
-    (conf_dir / "embeddings").mkdir(parents=True, exist_ok=True)
-    (conf_dir / "embeddings" / f"{PRESET}.yaml").write_text("\n".join(lines) + "\n")
+    """An inline preset of `tables` typed tables."""
+    write_inline_preset(conf_dir, PRESET, tables, writer="bench_neighbour.py")
 
 
 # ----------------------------------------------------------------------------- the venvs

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, parser, summary, write_json  # noqa: E402
+from _common import machine, parser, summary, write_inline_preset, write_json  # noqa: E402
 
 PHASES = ("compose", "validate", "instantiate")
 TARGETS = {1000: 1.0, 3000: 3.0}  # seconds, total
@@ -43,12 +43,7 @@ TYPED_TARGETS = {1000: 2.0, 3000: 6.0}
 
 
 def write_configs(conf: Path, n: int) -> str:
-    lines = ["# written by benchmarks/bench_table_count.py", "defaults:", "  - base", "  - optimizer: sgd", "  - _self_", "",
-             "embedding_dim: 16", "tables:"]
-    for i in range(n):
-        lines += [f"  t{i:04d}:", f"    num_embeddings: {1000 + i}"]
-    (conf / "embeddings").mkdir(parents=True, exist_ok=True)
-    (conf / "embeddings" / f"bench_{n}.yaml").write_text("\n".join(lines) + "\n")
+    write_inline_preset(conf, f"bench_{n}", n, writer="bench_table_count.py")
     name = f"primary_{n}"
     (conf / f"{name}.yaml").write_text(f"defaults:\n  - embeddings: bench_{n}\n  - sharding: cpu\n  - _self_\n")
     return name

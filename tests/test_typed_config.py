@@ -135,14 +135,21 @@ def test_a_tables_own_rate_hidden_by_the_collections_schedule_is_reported():
 
 
 def test_builders_take_the_parsed_config_without_parsing_again(monkeypatch):
-    from recap_embed.config import validate as validate_module
     from recap_embed.modules import LargeEmbeddings
 
     parsed = validate(compose_app(), device="cpu")
     assert isinstance(parsed, ParsedConfig)
     calls = []
-    monkeypatch.setattr(validate_module.__module__ and sys.modules["recap_embed.config.validate"], "parse_section",
-                        lambda *a, **k: calls.append(a) or pytest.fail("parsed again"))
+
+    def parse_again(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("parsed again")
+
+    # Every way a config section is parsed goes through parse_section (validate, table_specs) or
+    # to_container: none may run for a parsed config.
+    for module_name in ("recap_embed.config.validate", "recap_embed.config.resolve"):
+        monkeypatch.setattr(sys.modules[module_name], "parse_section", parse_again)
+    monkeypatch.setattr(sys.modules["recap_embed.config.resolve"], "to_container", parse_again)
     module = LargeEmbeddings.from_config(parsed)
     assert module.parsed is parsed.embeddings and not calls
     assert [s.name for s in module.specs] == ["user", "tweet"]
