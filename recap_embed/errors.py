@@ -92,35 +92,22 @@ def user_error_status(error: BaseException, emit: Callable[[str], None], code: i
 
 
 @contextlib.contextmanager
-def report_and_exit(log: logging.Logger, code: int = EXIT_USER_ERROR) -> Iterator[None]:
+def report_and_exit(
+    log: logging.Logger, code: int = EXIT_USER_ERROR, leave: Optional[Callable[[int], None]] = None
+) -> Iterator[None]:
     """Turn a user error into one logged line and exit with its status (`code` unless the error
     carries its own); HYDRA_FULL_ERROR=1 re-raises. Every rank of a job exits (see
-    `user_error_status`); commands that return their status instead call that directly."""
+    `user_error_status`); commands that return their status instead call that directly.
+
+    `leave(status)` runs just before the exit: the torch apps pass
+    `recap_embed.distributed.collectives.leave_on_exit` to leave their process group.
+    """
     try:
         yield
     except Exception as e:  # noqa: BLE001 - anything else is re-raised below
         status = None if full_traceback_requested() else user_error_status(e, lambda m: log.error("%s", m), code)
         if status is None:
             raise
-        _shutdown(status)
+        if leave is not None:
+            leave(status)
         sys.exit(status)
-
-
-def _shutdown(code: int) -> None:
-    """Leave the process group. With other ranks, exit right away instead: tearing a gloo group
-    down while the peers exit too can abort the process (SIGABRT from a gloo thread that loses
-    its connection) and turn a clean exit status into a crash."""
-    dist = sys.modules.get("torch.distributed")  # never imported: nothing to leave
-    if dist is None:
-        return
-    try:
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_world_size() > 1:
-            logging.shutdown()  # flush the run's log file and the console
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        dist.destroy_process_group()
-    except Exception:  # pragma: no cover - best effort on the way out
-        pass

@@ -21,6 +21,8 @@ from recap_embed.config import (
     TableSpec,
 )
 from recap_embed.distributed.plan_file import load_plan_file
+from recap_embed.modules.tables import large_embeddings
+from recap_embed.optim.fused import DENSE_OPTIMIZER_CLASSES
 
 
 _GB = 1024**3
@@ -197,8 +199,6 @@ def build_constraints(
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import CacheParams
 
-    from recap_embed.optim.fused import DENSE_OPTIMIZER_CLASSES
-
     explicit = explicit or {}
     per_table = values.tables
     problems: List[Tuple[str, str]] = []
@@ -274,8 +274,6 @@ def build_topology(
 
 def ebc_module_paths(model: nn.Module) -> Dict[str, Any]:
     """``{module path of the EBC: LargeEmbeddings}`` as keys of a torchrec ShardingPlan."""
-    from recap_embed.optim.fused import large_embeddings
-
     return {(f"{path}." if path else "") + "ebc": le for path, le in large_embeddings(model)}
 
 

@@ -33,12 +33,15 @@ for such tables.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.comm import get_local_size
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ShardingEnv
 
 from recap_embed.config import (
     CPU_SHARDING_TYPES,
@@ -51,7 +54,14 @@ from recap_embed.config import (
     check_device,
 )
 
+from recap_embed.modules.tables import large_embeddings
+from recap_embed.optim.fused import apply_fused_optimizers
+from recap_embed.optim.weight_decay import check_fused_weight_decay
+
+from .collectives import agree, env_world_size, one_rank_group, rank_and_world
+from .memory import MemoryDoesNotFit, check_local_memory
 from .planner import build_plan, explicit_placements, resolve_device, sharding_values
+from .single_rank import install_single_rank_path
 
 __all__ = ["describe_plan", "format_plan", "plan_placements", "shard"]
 
@@ -86,13 +96,6 @@ def shard(
         torchrec ``DistributedModelParallel``: call it like `module`; ``.fused_optimizer`` holds
         the fused tables' optimizers (see `recap_embed.optim.combined_optimizer`), ``.plan`` the plan.
     """
-    from torchrec.distributed.comm import get_local_size
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.sharding_plan import get_default_sharders
-    from torchrec.distributed.types import ShardingEnv
-
-    from recap_embed.optim.fused import apply_fused_optimizers, large_embeddings
-
     prefix, values = sharding_values(sharding_cfg)
     dev = resolve_device(device if device is not None else values.device, path=f"{prefix}.device")
     modules = large_embeddings(module)
@@ -101,13 +104,13 @@ def shard(
     specs = [s for _, le in modules for s in le.specs]
 
     # 1. Every check that can fail, before the first collective.
-    world_size = pg.size() if pg is not None else (dist.get_world_size() if dist.is_initialized() else _env_world_size())
+    world_size = pg.size() if pg is not None else (dist.get_world_size() if dist.is_initialized() else env_world_size())
     local_size = get_local_size(world_size) if world_size > 1 else 1
     _check(values, prefix, modules, dev.type)
     explicit = explicit_placements(values, prefix, specs, world_size=world_size, device_type=dev.type, local_size=local_size)
 
     # 2. Process group.
-    pg = _process_group(pg, dev)
+    pg = one_rank_group(pg, dev.type)
 
     # 3. Optimizers, 4. plan and shard.
     apply_fused_optimizers(module)
@@ -129,16 +132,10 @@ def shard(
         init_data_parallel=init_data_parallel and not one_rank,  # DDP over one rank is an identity
     )
     if one_rank:
-        from .single_rank import install_single_rank_path
-
         install_single_rank_path(model)
     if (pg.rank() if hasattr(pg, "rank") else 0) == 0:
         logger.info("embedding placement:\n%s", format_plan(describe_plan(model)))
     return model
-
-
-def _env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _check(values: Any, prefix: str, modules: List[Tuple[str, Any]], device_type: str) -> None:
@@ -194,8 +191,6 @@ def _check_plan(plan: Any, prefix: str, device_type: str) -> None:
 def _check_weight_decay(plan: Any, modules: List[Tuple[str, Any]], device_type: str) -> None:
     """Fused tables whose weight decay the kernel would ignore are refused (every rank has the same
     plan, so every rank raises alike)."""
-    from recap_embed.optim.weight_decay import check_fused_weight_decay
-
     fused = []
     for path, le in modules:
         module_plan = plan.plan.get((f"{path}." if path else "") + "ebc", {})
@@ -205,22 +200,15 @@ def _check_weight_decay(plan: Any, modules: List[Tuple[str, Any]], device_type: 
 
 def _check_memory(plan: Any, modules: List[Tuple[str, Any]], device: torch.device, world_size: int, local_size: int, pg: Any) -> None:
     """The shards fit this host's RAM (CPU) or each rank's GPU, before DMP allocates them; every
-    rank raises alike (one all_gather) so none is left waiting in DMP's collectives."""
-    from .memory import MemoryDoesNotFit, check_local_memory
-
+    rank raises (an agreement) so none is left waiting in DMP's collectives."""
     specs = {f"{(path + '.') if path else ''}ebc/{s.name}": (s.path, s) for path, le in modules for s in le.specs}
-    rank = pg.rank() if hasattr(pg, "rank") else (dist.get_rank() if dist.is_initialized() else 0)
-    message = None
+    rank, _ = rank_and_world(pg)
+    error = None
     try:
         check_local_memory(plan, specs, device=device, world_size=world_size, local_size=local_size, rank=rank)
     except MemoryDoesNotFit as e:
-        message = str(e)
-    if world_size > 1:
-        messages: List[Any] = [None] * world_size
-        dist.all_gather_object(messages, message, group=pg)
-        message = next((m for m in messages if m), None)
-    if message:
-        raise MemoryDoesNotFit(message)
+        error = e
+    agree(error, pg, enabled=world_size > 1, other_failed=MemoryDoesNotFit)
 
 
 _ROWWISE_STATE = (OptimizerAlgorithm.rowwise_adagrad, OptimizerAlgorithm.partial_rowwise_adam)
@@ -244,23 +232,6 @@ def _warn_rowwise_state_on_column_shards(plan: Any, modules: List[Tuple[str, Any
                 )
 
 
-def _process_group(pg: Optional[Any], device: torch.device) -> Any:
-    if pg is not None:
-        return pg
-    if dist.is_initialized():
-        return dist.group.WORLD
-    world = _env_world_size()
-    if world > 1:
-        raise RuntimeError(
-            f"WORLD_SIZE={world} but torch.distributed is not initialised; call "
-            f"torch.distributed.init_process_group(...) on every rank before shard()"
-        )
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    logger.info("single process: initialised a one-rank %s process group (in-memory store) for fused kernels", backend)
-    return dist.group.WORLD
-
-
 # --------------------------------------------------------------------------- readable plan
 
 
@@ -271,8 +242,6 @@ def describe_plan(model: nn.Module) -> List[Dict[str, Any]]:
     ``sharding_type``, ``compute_kernel``, ``ranks`` (holding a shard, in shard order), ``rows``,
     ``dim``, ``data_type``, ``shards`` (``[rows, cols, rank]`` per shard).
     """
-    from recap_embed.optim.fused import large_embeddings
-
     out: List[Dict[str, Any]] = []
     for path, le in large_embeddings(model):
         plan = getattr(le.ebc, "module_sharding_plan", None)

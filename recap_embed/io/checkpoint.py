@@ -79,6 +79,7 @@ from torchsnapshot.flatten import flatten, inflate
 from torchsnapshot.knobs import get_slab_size_threshold_bytes, is_batching_disabled
 from torchsnapshot.manifest import ChunkedTensorEntry, ObjectEntry, PrimitiveEntry, ShardedTensorEntry, TensorEntry
 
+from recap_embed.distributed.collectives import agree, is_collective, rank0_then_all, rank_and_world
 from recap_embed.errors import UserError
 
 from .pretrained import (
@@ -86,8 +87,6 @@ from .pretrained import (
     CopyPlan,
     SnapshotLoadError,
     SnapshotReader,
-    agree,
-    collective,
     commit,
     global_shape,
     plan_copy,
@@ -166,30 +165,6 @@ def latest_checkpoint(directory: Union[str, os.PathLike]) -> Optional[Path]:
 # --------------------------------------------------------------------------- save
 
 
-def _rank_world(pg: Any) -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(pg), dist.get_world_size(pg)
-    return 0, 1
-
-
-def _rank0_then_all(fn: Any, pg: Any) -> Any:
-    """Run `fn` on rank 0; every rank gets its result or raises its error (a broadcast = barrier)."""
-    rank, world = _rank_world(pg)
-    box: List[Any] = [None]
-    if rank == 0:
-        try:
-            box = [("ok", fn())]
-        except Exception as e:  # noqa: BLE001 - sent to every rank
-            box = [("error", f"{type(e).__name__}: {e}")]
-    if world > 1:
-        src = dist.get_global_rank(pg, 0) if pg is not None else 0
-        dist.broadcast_object_list(box, src=src, group=pg)
-    status, value = box[0]
-    if status == "error":
-        raise CheckpointError(value)
-    return value
-
-
 def save_checkpoint(
     directory: Union[str, os.PathLike],
     step: int,
@@ -225,8 +200,8 @@ def save_checkpoint(
             logger.warning("removing the incomplete checkpoint %s left by an earlier attempt", tmp)
             shutil.rmtree(tmp)
 
-    _rank0_then_all(prepare, pg)
-    _, world = _rank_world(pg)
+    rank0_then_all(prepare, pg, error_type=CheckpointError)
+    _, world = rank_and_world(pg)
     started = time.perf_counter()
     error: Optional[BaseException] = None
     pending = None
@@ -265,12 +240,12 @@ def _agree_or_clean(error: Optional[BaseException], tmp: Path, final: Path, pg: 
     """When any rank failed to write: rank 0 removes the partial directory, every rank raises."""
     failed: Optional[BaseException] = None
     try:
-        agree(error, pg, enabled=collective(pg))
+        agree(error, pg, enabled=is_collective(pg), other_failed=CheckpointError)
     except Exception as e:  # noqa: BLE001
         failed = e
     if failed is None:
         return
-    rank, _ = _rank_world(pg)
+    rank, _ = rank_and_world(pg)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     cause = " ".join(f"{type(failed).__name__}: {failed}".split())
@@ -304,9 +279,9 @@ def _commit(tmp: Path, final: Path, step: int, world: int, pg: Any, started: flo
         return str(final)
 
     try:
-        path = Path(_rank0_then_all(rename, pg))
+        path = Path(rank0_then_all(rename, pg, error_type=CheckpointError))
     except CheckpointError as e:
-        if _rank_world(pg)[0] == 0:
+        if rank_and_world(pg)[0] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"saving checkpoint {final} failed ({e}); its partial directory {tmp} was removed; "
@@ -412,8 +387,8 @@ def restore_checkpoint(
     before writing anything, `SnapshotReadError` for missing or truncated files.
     """
     ckpt = _local_dir(path)
-    rank, world = _rank_world(pg)
-    multi = collective(pg)
+    rank, world = rank_and_world(pg)
+    multi = is_collective(pg)
     started = time.perf_counter()
     error: Optional[BaseException] = None
     reader: Optional[SnapshotReader] = None
@@ -442,7 +417,7 @@ def restore_checkpoint(
             reader.check_files(p for ls in leaves.values() for leaf in ls if leaf.plan for p in leaf.plan.pieces())
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement
             error = e
-        agree(error, pg, enabled=multi)
+        agree(error, pg, enabled=multi, other_failed=CheckpointError)
         assert reader is not None
 
         for key in keys:
@@ -457,7 +432,7 @@ def restore_checkpoint(
             except Exception as e:  # noqa: BLE001
                 error = CheckpointError(f"restoring {key!r} from {ckpt} failed, the training state is now "
                                         f"partly restored and must not be used: {type(e).__name__}: {e}")
-            agree(error, pg, enabled=multi)
+            agree(error, pg, enabled=multi, other_failed=CheckpointError)
     finally:
         if reader is not None:
             reader.close()

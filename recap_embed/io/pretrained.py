@@ -108,7 +108,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchsnapshot.io_types import ReadIO
@@ -125,7 +124,11 @@ from torchsnapshot.serialization import Serializer, string_to_dtype
 from torchsnapshot.storage_plugin import url_to_storage_plugin_in_event_loop
 
 from recap_embed.config import TableSpec
-from recap_embed.errors import RANK_FAILURES, UserError
+from recap_embed.distributed.collectives import agree, is_collective
+from recap_embed.errors import UserError
+
+# Re-exported for one release (they moved to recap_embed.distributed.collectives).
+collective = is_collective
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -888,43 +891,6 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.view(it), b.view(it)))
 
 
-# --------------------------------------------------------------------------- ranks agree
-
-
-def collective(pg: Any = None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(pg) > 1
-
-
-def agree(error: Optional[BaseException], pg: Any = None, *, enabled: bool = True) -> None:
-    """Raise on every rank when any rank failed (one ``all_gather_object`` when `enabled`).
-
-    A rank that failed raises its own exception; the others raise `SnapshotLoadError` quoting
-    the failed ranks' messages. Either carries ``rank_failures`` (``{global rank: message}``),
-    which `recap_embed.errors.report_and_exit` uses to print each cause once per job. Without
-    `enabled` (one process) it just re-raises `error`.
-    """
-    if not enabled:
-        if error is not None:
-            raise error
-        return
-    gathered: List[Optional[str]] = [None] * dist.get_world_size(pg)
-    dist.all_gather_object(gathered, None if error is None else f"{type(error).__name__}: {error}", group=pg)
-    failed = [(r, e) for r, e in enumerate(gathered) if e]
-    if not failed:
-        return
-    # Global ranks of the failures, so that the job can print each cause once (see
-    # `recap_embed.errors.report_and_exit`).
-    failures = {(dist.get_global_rank(pg, r) if pg is not None else r): e for r, e in failed}
-    if error is None:
-        lines = "\n".join(f"  rank {r}: {e}" for r, e in failed)
-        error = SnapshotLoadError(f"failed on {len(failed)} other rank(s):\n{lines}")
-    try:
-        setattr(error, RANK_FAILURES, failures)
-    except AttributeError:  # pragma: no cover - an exception type with __slots__
-        pass
-    raise error
-
-
 # --------------------------------------------------------------------------- load_pretrained
 
 
@@ -984,7 +950,7 @@ def load_pretrained(
     wanted = [s for s in specs if s.pretrained is not None]
     if not wanted:
         return {}
-    multi = collective(pg)
+    multi = is_collective(pg)
     readers: Dict[str, SnapshotReader] = {}
     jobs: List[_Job] = []
     reports: Dict[str, LoadReport] = {}
@@ -999,7 +965,7 @@ def load_pretrained(
                 _check_files(job.reader, job.plan.pieces(), job.what)
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement
             error = e
-        agree(error, pg, enabled=multi)
+        agree(error, pg, enabled=multi, other_failed=SnapshotLoadError)
 
         # 2. one table at a time: read (staged or streamed), agree, commit
         done: List[str] = []
@@ -1014,7 +980,7 @@ def load_pretrained(
                 cls = type(e) if isinstance(e, SnapshotLoadError) else SnapshotReadError
                 error = cls(f"{e}\n  while loading {job.what} (table {job.spec.name!r} {state}; "
                             f"tables already loaded: {done or 'none'})")
-            agree(error, pg, enabled=multi)
+            agree(error, pg, enabled=multi, other_failed=SnapshotLoadError)
             commit(staged)
             del staged
             done.append(job.spec.name)
@@ -1030,7 +996,7 @@ def load_pretrained(
                 seconds[job.spec.name] += time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001
             error = e
-        agree(error, pg, enabled=multi)
+        agree(error, pg, enabled=multi, other_failed=SnapshotLoadError)
         for job in jobs:
             r = reports[job.spec.name] = _report(job, seconds[job.spec.name])
             logger.info(

@@ -20,15 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recap_embed.distributed.collectives import model_process_group
+
+from .tables import large_embeddings
+
 __all__ = ["table_stats"]
-
-
-def _group(model: nn.Module) -> Optional[Any]:
-    env = getattr(model, "_env", None)
-    pg = getattr(env, "process_group", None) if env is not None else None
-    if pg is None and dist.is_available() and dist.is_initialized():
-        pg = dist.group.WORLD
-    return pg
 
 
 @torch.no_grad()
@@ -37,14 +33,12 @@ def table_stats(model: nn.Module, tables: Optional[Sequence[str]] = None) -> Dic
 
     `tables`: names or keys (default: every LargeEmbeddings' ``tables_to_log``).
     """
-    from recap_embed.optim.fused import large_embeddings
-
     modules = large_embeddings(model)
     if not modules:
         raise TypeError(f"{type(model).__name__} holds no LargeEmbeddings")
     if tables is None:
         tables = [t for _, le in modules for t in le.tables_to_log]
-    pg = _group(model)
+    pg = model_process_group(model)
     distributed = pg is not None and dist.get_world_size(pg) > 1
     out: Dict[str, Dict[str, float]] = {}
     state_dicts: Dict[int, Dict[str, Any]] = {}  # one (cheap, view-only) state_dict per module

@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from typing import Any, Callable, Dict, Iterator, List, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Tuple, Type, Union
 
 import torch
 import torchrec.optim as trec_optim
+from torchrec import EmbeddingBagCollection
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
 from recap_embed.config import ConfigError, EmbeddingOptimizerConfig, OptimizerAlgorithm, TableSpec
+from recap_embed.distributed.collectives import model_world_size
+from recap_embed.modules.tables import large_embeddings, table_parameters
 
 from .weight_decay import weight_decay_mode
 
@@ -133,47 +136,6 @@ def _schedule_key(opt: EmbeddingOptimizerConfig) -> str:
     return "schedule:" + repr(sorted((k, v) for k, v in items.items() if v is not None))
 
 
-# --------------------------------------------------------------------------- finding tables
-
-
-def large_embeddings(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """``(path, module)`` of every `LargeEmbeddings` in `model` (unwrapping DMP/DDP)."""
-    from recap_embed.modules.large import LargeEmbeddings
-
-    root = _unwrap(model)
-    return [(path, m) for path, m in root.named_modules() if isinstance(m, LargeEmbeddings)]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torchrec.distributed.model_parallel import get_unwrapped_module
-
-    return get_unwrapped_module(model)
-
-
-def _prefix(path: str) -> str:
-    return f"{path}." if path else ""
-
-
-def table_parameters(model: nn.Module) -> Iterator[Tuple[str, TableSpec, str, Any]]:
-    """``(fqn, spec, kind, weight)`` per table weight present on this rank.
-
-    `kind` is ``"fused"`` (a weight the FBGEMM kernel updates in backward), ``"dense"`` (a plain
-    replicated tensor: a data_parallel table) or ``"unsharded"`` (the module was not sharded).
-    """
-    for path, le in large_embeddings(model):
-        bags = getattr(le.ebc, "embedding_bags", None)
-        plan = getattr(le.ebc, "module_sharding_plan", None)
-        for spec in le.specs:
-            fqn = f"{_prefix(path)}ebc.embedding_bags.{spec.name}.weight"
-            weight = getattr(bags[spec.name], "weight", None) if bags is not None and spec.name in bags else None
-            if plan is None:
-                yield fqn, spec, "unsharded", weight
-            elif plan[spec.name].sharding_type == "data_parallel":
-                yield fqn, spec, "dense", weight
-            else:
-                yield fqn, spec, "fused", weight
-
-
 # --------------------------------------------------------------------------- attaching
 
 
@@ -185,7 +147,7 @@ def apply_fused_optimizers(model: nn.Module) -> int:
     """
     applied = 0
     for path, le in large_embeddings(model):
-        if not isinstance(le.ebc, _unsharded_ebc_type()):
+        if not isinstance(le.ebc, EmbeddingBagCollection):
             raise RuntimeError(f"{path or 'model'}: the tables are already sharded; attach optimizers before shard()")
         for spec in le.specs:
             weight = le.ebc.embedding_bags[spec.name].weight
@@ -196,12 +158,6 @@ def apply_fused_optimizers(model: nn.Module) -> int:
             _apply_optimizer_in_backward(cls, [weight], dict(kwargs))
             applied += 1
     return applied
-
-
-def _unsharded_ebc_type() -> type:
-    from torchrec import EmbeddingBagCollection
-
-    return EmbeddingBagCollection
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -259,7 +215,7 @@ def table_optimizer(model: nn.Module) -> CombinedOptimizer:
         return cached
     fused = fused_optimizer(model)
     parts: List[Tuple[str, KeyedOptimizer]] = [("fused", fused)]
-    world_size = _world_size(model)
+    world_size = model_world_size(model)
     for fqn, spec, kind, weight in table_parameters(model):
         if kind != "dense" or weight is None:
             continue
@@ -275,15 +231,6 @@ def table_optimizer(model: nn.Module) -> CombinedOptimizer:
     combined = CombinedOptimizer(parts)
     object.__setattr__(model, _CACHE, combined)
     return combined
-
-
-def _world_size(model: nn.Module) -> int:
-    env = getattr(model, "_env", None)
-    if env is not None:
-        return int(env.world_size)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 DenseOptimizer = Union[KeyedOptimizer, Callable[[List[torch.Tensor]], torch.optim.Optimizer], None]

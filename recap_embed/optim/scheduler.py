@@ -26,6 +26,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from torch import nn
 
 from recap_embed.config import TableSpec
+from recap_embed.modules.tables import large_embeddings, table_parameters
+
+from .fused import table_optimizer
 
 from .schedules import lr_at
 
@@ -46,8 +49,6 @@ class EmbeddingLRScheduler:
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[Any] = None, last_step: int = -1) -> None:
-        from .fused import large_embeddings, table_optimizer
-
         self.model = model
         self.optimizer = optimizer if optimizer is not None else table_optimizer(model)
         self.specs: Dict[str, TableSpec] = {}
@@ -67,8 +68,6 @@ class EmbeddingLRScheduler:
                     f"tables {tables} share one optimizer param group but have different learning-rate "
                     f"schedules; attach optimizers with recap_embed.optim.apply_fused_optimizers (shard() does)"
                 )
-        from .fused import table_parameters
-
         held = {spec.name for _, spec, kind, w in table_parameters(model)
                 if kind == "dense" or (kind == "fused" and w is not None and w.numel() > 0)}
         missing = sorted(held - {t for _, _, tables in self._groups for t in tables})

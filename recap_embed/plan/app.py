@@ -74,12 +74,13 @@ def main(cfg: DictConfig) -> float:
     """Plan once; returns the largest estimated cost of one rank in ms (what a sweep would minimise)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from recap_embed.distributed.collectives import leave_on_exit
     from recap_embed.errors import report_and_exit
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     logging.getLogger("torchrec").setLevel(logging.WARNING)  # the planner logs every proposal at INFO
     logging.getLogger().addFilter(_DropDataParallelNotice())
-    with report_and_exit(log):
+    with report_and_exit(log, leave=leave_on_exit):
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.WARNING)  # fbgemm_gpu logs each library it loads at INFO

@@ -34,6 +34,9 @@ from recap_embed.distributed.planner import (
     table_bytes,
 )
 
+from recap_embed.modules.large import LargeEmbeddings
+from recap_embed.optim.fused import apply_fused_optimizers
+
 from .config import DEFAULT_LOCAL_WORLD_SIZE, TopologyConfig
 from .summary import TableRow, RankRow, PlanReport
 from .fit import PlanDoesNotFitError, check_lower_bound, no_plan_message
@@ -51,9 +54,6 @@ def plan_report(cfg: Any) -> PlanReport:
     """
     from torchrec.distributed.planner.types import PlannerError
     from torchrec.distributed.sharding_plan import get_default_sharders
-
-    from recap_embed.modules.large import LargeEmbeddings
-    from recap_embed.optim.fused import apply_fused_optimizers
 
     root = _root(cfg)
     topo = _topology(root)

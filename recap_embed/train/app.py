@@ -49,6 +49,7 @@ def main(cfg: DictConfig) -> float:
     eval split is reported, never tuned on), or the eval AUROC without a validation split."""
     from hydra.core.hydra_config import HydraConfig
 
+    from recap_embed.distributed.collectives import leave_on_exit
     from recap_embed.errors import report_and_exit
 
     _quiet_other_ranks()
@@ -57,7 +58,7 @@ def main(cfg: DictConfig) -> float:
     warnings.filterwarnings("ignore", message=".*DTensor instead.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    with report_and_exit(log):
+    with report_and_exit(log, leave=leave_on_exit):
         from .loop import train  # torch and torchrec load here, not at start-up
 
         metrics = train(cfg, output_dir)
