@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch.distributed as dist
+from recap_embed.distributed.collectives import rank_and_world
 
 from recap_embed.config import ConfigError
 from recap_embed.io.checkpoint import PendingCheckpoint, list_checkpoints, save_checkpoint
@@ -81,8 +81,7 @@ class KeepBest:
         path = save_checkpoint(root, step, app_state)
         if isinstance(path, PendingCheckpoint):  # pragma: no cover - saved synchronously above
             path = path.wait()
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if rank == 0:
+        if rank_and_world()[0] == 0:
             for old in list_checkpoints(root):
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from recap_embed.distributed.collectives import rank_and_world
 from recap_embed.errors import UserError
 
 __all__ = ["StepAgreement", "StopRequested", "StopSignals"]
@@ -68,9 +69,9 @@ class StepAgreement:
     """What every rank knows after each step: the mean loss over ranks and whether any rank was asked to stop."""
 
     def __init__(self, device: torch.device) -> None:
-        self.multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        _, self.world = rank_and_world()
+        self.multi = self.world > 1
         self.device = device
-        self.world = dist.get_world_size() if self.multi else 1
 
     def step(self, loss: torch.Tensor, signum: Optional[int]) -> Tuple[float, Optional[int]]:
         """(mean loss over ranks, the signal any rank received or None); one all_reduce with ranks."""
