@@ -19,9 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from recap_embed.distributed.collectives import rank_and_world
-
 from recap_embed.config import ConfigError
+from recap_embed.distributed.collectives import rank_and_world
 from recap_embed.io.checkpoint import PendingCheckpoint, list_checkpoints, save_checkpoint
 
 __all__ = ["KeepBest", "BEST_DIR"]
