@@ -83,12 +83,12 @@ def child_load(directory: str, rows: int, dim: int, mode: str, profile: bool = F
     from omegaconf import OmegaConf
 
     from recap_embed.distributed import shard
-    from recap_embed.instantiate import instantiate
-    import recap_embed.io.pretrained as pretrained
+    import recap_embed.io.shard_copy as shard_copy
+    from recap_embed import instantiate
     from recap_embed.io.pretrained import load_pretrained
 
     if mode == "no_read_ahead":
-        pretrained.READ_AHEAD = False
+        shard_copy.READ_AHEAD = False
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     cfg = OmegaConf.create({

@@ -21,6 +21,7 @@ from multiprocess import run_ranks
 from recap_embed.config import table_specs
 from recap_embed.io.pretrained import (
     LoadReport,
+    NonFiniteSnapshotError,
     PretrainedError,
     SnapshotLoadError,
     SnapshotReadError,
@@ -176,7 +177,7 @@ def test_streaming_fs_uri_and_only_tables_with_pretrained(tmp_path):
 
 def test_storage_plugin_path_as_for_s3_and_gs(tmp_path, monkeypatch):
     """URIs that are not local go through torchsnapshot's storage plugin (byte-range reads)."""
-    import recap_embed.io.pretrained as mod
+    import recap_embed.io.snapshot as mod
 
     src = take_unsharded(tmp_path / "snap")
     monkeypatch.setattr(mod, "_local_root", lambda uri: None)  # treat the path like a remote URI
@@ -461,3 +462,20 @@ def test_two_ranks_table_wise_column_wise_row_wise(tmp_path):
     reports = load_pretrained(model, specs(str(tmp_path / "sharded"), user={}, item={}), chunk_bytes=READ)
     assert torch.equal(weights(model)["user"], src["user"]) and torch.equal(weights(model)["item"], src["item"])
     assert "ranks [0, 1]" in reports["user"].source_entry
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_check_refuses_any_bad_value_and_accepts_sums_that_overflow(dtype):
+    """The fast check (one sum) must neither miss a single nan/inf nor refuse large finite values."""
+    from recap_embed.io.shard_copy import _check_finite
+    from recap_embed.io.snapshot import SourceTensor
+
+    source = SourceTensor("snap", "t", ("0/t",), "Tensor", (64, 8), dtype, ())
+    huge = torch.full((64, 8), torch.finfo(dtype).max, dtype=dtype)  # the sum overflows to inf
+    _check_finite(huge, source, 0)
+    _check_finite(-huge, source, 0)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        block = torch.zeros((64, 8), dtype=dtype)
+        block[37, 5] = bad
+        with pytest.raises(NonFiniteSnapshotError, match=r"1 non-finite value\(s\).*rows \[137\]"):
+            _check_finite(block, source, 100)

@@ -69,7 +69,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -82,18 +82,8 @@ from torchsnapshot.manifest import ChunkedTensorEntry, ObjectEntry, PrimitiveEnt
 from recap_embed.distributed.collectives import agree, is_collective, rank0_then_all, rank_and_world
 from recap_embed.errors import UserError
 
-from .pretrained import (
-    DEFAULT_CHUNK_BYTES,
-    CopyPlan,
-    SnapshotLoadError,
-    SnapshotReader,
-    commit,
-    global_shape,
-    plan_copy,
-    read_into,
-    regions_of,
-    verify,
-)
+from .shard_copy import DEFAULT_CHUNK_BYTES, CopyPlan, commit, global_shape, plan_copy, read_into, regions_of, verify
+from .snapshot import SnapshotLoadError, SnapshotReader
 
 __all__ = [
     "CheckpointError",
