@@ -172,36 +172,9 @@ def load_pretrained(
             error = e
         agree(error, pg, enabled=multi, other_failed=SnapshotLoadError)
 
-        # 2. one table at a time: read (staged or streamed), agree, commit
-        done: List[str] = []
-        seconds: Dict[str, float] = {}
-        for job in jobs:
-            t0 = time.perf_counter()
-            error, staged = None, []
-            try:
-                staged = read_into(job.reader, job.plan, chunk_bytes=chunk_bytes, staging=staging)
-            except Exception as e:  # noqa: BLE001
-                state = "left untouched" if staging else "PARTLY WRITTEN: load it again before training"
-                cls = type(e) if isinstance(e, SnapshotLoadError) else SnapshotReadError
-                error = cls(f"{e}\n  while loading {job.what} (table {job.spec.name!r} {state}; "
-                            f"tables already loaded: {done or 'none'})")
-            agree(error, pg, enabled=multi, other_failed=SnapshotLoadError)
-            commit(staged)
-            del staged
-            done.append(job.spec.name)
-            seconds[job.spec.name] = time.perf_counter() - t0
-
-        # 3. the weights, fetched again, hold what was read
-        error = None
-        try:
-            fresh = _table_weights(model)
-            for job in jobs:
-                t0 = time.perf_counter()
-                verify(job.reader, job.plan, regions_of(fresh[job.spec.name][1], job.rows), job.what, sample_rows=verify_rows)
-                seconds[job.spec.name] += time.perf_counter() - t0
-        except Exception as e:  # noqa: BLE001
-            error = e
-        agree(error, pg, enabled=multi, other_failed=SnapshotLoadError)
+        # 2. one table at a time, 3. the weights hold what was read
+        seconds = _copy_tables(jobs, chunk_bytes=chunk_bytes, staging=staging, pg=pg, multi=multi)
+        _verify_tables(model, jobs, seconds, verify_rows=verify_rows, pg=pg, multi=multi)
         for job in jobs:
             r = reports[job.spec.name] = _report(job, seconds[job.spec.name])
             logger.info(
@@ -213,6 +186,42 @@ def load_pretrained(
         for reader in readers.values():
             reader.close()
     return reports
+
+
+def _copy_tables(jobs: List[_Job], *, chunk_bytes: int, staging: bool, pg: Any, multi: bool) -> Dict[str, float]:
+    """One table at a time: read (staged or streamed), agree, commit; seconds per table."""
+    done: List[str] = []
+    seconds: Dict[str, float] = {}
+    for job in jobs:
+        t0 = time.perf_counter()
+        error, staged = None, []
+        try:
+            staged = read_into(job.reader, job.plan, chunk_bytes=chunk_bytes, staging=staging)
+        except Exception as e:  # noqa: BLE001 - every rank must reach the agreement
+            state = "left untouched" if staging else "PARTLY WRITTEN: load it again before training"
+            cls = type(e) if isinstance(e, SnapshotLoadError) else SnapshotReadError
+            error = cls(f"{e}\n  while loading {job.what} (table {job.spec.name!r} {state}; "
+                        f"tables already loaded: {done or 'none'})")
+        agree(error, pg, enabled=multi, other_failed=SnapshotLoadError)
+        commit(staged)
+        del staged
+        done.append(job.spec.name)
+        seconds[job.spec.name] = time.perf_counter() - t0
+    return seconds
+
+
+def _verify_tables(model: nn.Module, jobs: List[_Job], seconds: Dict[str, float], *, verify_rows: bool, pg: Any, multi: bool) -> None:
+    """The weights, fetched again from the model, hold what was read (adds the time to `seconds`)."""
+    error = None
+    try:
+        fresh = _table_weights(model)
+        for job in jobs:
+            t0 = time.perf_counter()
+            verify(job.reader, job.plan, regions_of(fresh[job.spec.name][1], job.rows), job.what, sample_rows=verify_rows)
+            seconds[job.spec.name] += time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - every rank must reach the agreement
+        error = e
+    agree(error, pg, enabled=multi, other_failed=SnapshotLoadError)
 
 
 def _open_source(spec: TableSpec, readers: Dict[str, SnapshotReader], storage_options: Any) -> Tuple[SnapshotReader, SourceTensor]:
