@@ -20,7 +20,8 @@ from recap_embed.config import ConfigValidationError, validate
 from recap_embed.config.schema import EmbeddingBagConfig, LargeEmbeddingsConfig, OovPolicy
 from recap_embed.io import _id_table as id_table
 from recap_embed.io import vocab as vocab_module
-from recap_embed.io.vocab import Vocab, VocabError, VocabMapper, hash_ids, save_vocab
+from recap_embed.io.vocab import Vocab, VocabError, hash_ids, save_vocab
+from recap_embed.io.vocab_mapper import VocabMapper
 
 CFG = "embeddings.tables.user.vocab"
 I64 = st.integers(-(2**63), 2**63 - 1)
@@ -433,6 +434,17 @@ def test_mapper_maps_a_shared_feature_once(tmp_path):
     differ = {**same, "user2": {**same["user2"], "vocab": str(tmp_path / "other")}}
     with pytest.raises(ConfigValidationError, match=r"feature 'u'"):
         VocabMapper.from_config({"tables": differ})
+
+
+def test_the_mapper_is_still_importable_from_its_old_module():
+    """`recap_embed.io.vocab` re-exports the mapper for one release, saying where it moved."""
+    with pytest.warns(DeprecationWarning, match=r"import VocabMapper from recap_embed\.io\.vocab_mapper"):
+        from recap_embed.io.vocab import VocabMapper as old
+
+    assert old is VocabMapper
+    assert sorted(vocab_module.__all__) == ["Vocab", "VocabError", "VocabMapper", "hash_ids", "save_vocab"]
+    with pytest.raises(AttributeError, match="no attribute 'Mapper'"):
+        vocab_module.Mapper  # noqa: B018 - only the moved name is resolved lazily
 
 
 

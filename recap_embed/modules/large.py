@@ -41,6 +41,7 @@ from recap_embed.config import (
     validate,
 )
 from recap_embed.config.resolve import to_container
+from recap_embed.io.vocab import Vocab
 
 from .names import check_module_names
 
@@ -304,8 +305,6 @@ def resolve_rows(spec: TableSpec, override: Mapping[str, int], vocabs: Dict[str,
         if int(given) <= 0:
             raise ConfigError(f"{spec.path}.num_embeddings: override {given!r} is not a positive integer")
         return replace(spec, num_embeddings=int(given))
-    from recap_embed.io.vocab import Vocab
-
     vocab = Vocab.load(
         spec.vocab,
         table=spec.name,

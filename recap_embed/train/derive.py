@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
+from recap_embed.io.vocab import save_vocab
+
 from .own_data import DataError, DiscreteCodes
 
 __all__ = ["derived_dim", "derive_small_tables", "derive_strata", "vocab_from_ids", "write_vocab", "VOCAB_DIR"]
@@ -82,8 +84,6 @@ def write_vocab(directory: Path, ids: np.ndarray, table_path: str) -> str:
     A different vocab already in the directory (a rerun in the same run dir over other training
     data) is an error: its rows may be what a checkpoint there was trained with.
     """
-    from recap_embed.io.vocab import save_vocab
-
     directory = Path(directory)
     rows = np.arange(ids.size, dtype=np.int64)
     if directory.exists():

@@ -30,7 +30,8 @@ from recap_embed.hydra_guards import app_allowed_targets
 from recap_embed._instantiate import build, check_targets
 from recap_embed.io.checkpoint import restore_checkpoint
 from recap_embed.io.pretrained import agree, check_pretrained, collective, load_pretrained
-from recap_embed.io.vocab import Vocab, VocabMapper
+from recap_embed.io.vocab import Vocab
+from recap_embed.io.vocab_mapper import VocabMapper
 from recap_embed.modules import StratifiedMetrics, Stratifiers, table_stats
 from recap_embed.modules.names import check_module_names
 from recap_embed.optim import EmbeddingLRScheduler, combined_optimizer
