@@ -73,6 +73,7 @@ def data_args(own: Dict[str, Path]) -> List[str]:
     return ["data.source=parquet", f"data.train_path={own['train']}", f"data.eval_path={own['eval']}"]
 
 
+@pytest.mark.slow  # a real training run of the console app in a subprocess
 def test_one_command_trains_on_other_columns_and_kinds(own: Dict[str, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run(python_m("recap_embed.train", f"hydra.run.dir={run_dir}", *data_args(own), *NAMES, *FAST), cwd=tmp_path, timeout=300)

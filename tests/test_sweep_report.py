@@ -24,6 +24,7 @@ def train_multirun(args: List[str], cwd: Path) -> Completed:
     return run(python_m("recap_embed.train", "-m", *args), cwd=cwd, timeout=400)
 
 
+@pytest.mark.slow  # a real sweep of the training app in a subprocess
 def test_two_key_sweep_reports_fixed_overrides_once_and_one_line_per_second_key(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     train_multirun(["embeddings.embedding_dim=4,8", "train.dense_optimizer.lr=0.01,0.001", f"hydra.sweep.dir={sweep}", f"data.dir={tmp_path / 'data'}", *TINY], tmp_path)
@@ -48,6 +49,7 @@ def test_two_key_sweep_reports_fixed_overrides_once_and_one_line_per_second_key(
     assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a real Optuna sweep of the training app in a subprocess
 def test_optuna_sweep_of_three_trials_marks_its_best_trial(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed (requirements/test.txt)")
     sweep = tmp_path / "sweep"
