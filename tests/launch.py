@@ -238,17 +238,19 @@ def wait_for(proc: subprocess.Popen, needle: str, *, timeout: float = 180.0) -> 
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Kill a started child and every process it started, then reap it. Safe on a finished child.
+    """Kill a started child and every process it started, then reap it. Does nothing to a child
+    that has ended already.
 
     The whole tree, not only the child's process group: torchrun starts each rank in a session of
     its own, so killing torchrun's group would leave its ranks running. The tree is frozen first
     (SIGSTOP), so nothing in it can start another process while it is being killed."""
-    tree = _freeze_tree(proc.pid) if proc.poll() is None else set()
-    for pid, started in tree:
+    if proc.poll() is not None:  # ended and reaped: its pid and group id may be another process's by now
+        return
+    for pid, started in _freeze_tree(proc.pid):
         if _start_time(pid) == started:  # the same process, not a later one with its pid
             _signal(pid, signal.SIGKILL)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its group (it led it)
+    try:  # the rest of its group; the group id is still its own while it is not reaped
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
