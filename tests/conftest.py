@@ -15,7 +15,8 @@ import recap_embed.config  # noqa: F401  (registers the groups)
 TESTS = Path(__file__).resolve().parent
 MINIMAL_APP = TESTS / "apps" / "minimal"
 
-# Spawned ranks and subprocesses must not inherit a thread pool sized for the whole machine.
+# torch in this process (imported after this line) must not size its thread pool for the whole
+# machine; commands started through tests/launch.py get OMP_NUM_THREADS=1 from `clean_env` anyway.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -23,26 +22,17 @@ from typing import Any, Callable, Dict, List
 
 import torch.multiprocessing as mp
 
-__all__ = ["free_port", "run_ranks"]
+from launch import clean_env, free_port
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["run_ranks"]
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: Any, args: tuple, pg_timeout: float) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        GLOO_DEVICE_TRANSPORT="TCP",
-        OMP_NUM_THREADS="1",
-    )
+    # The tests' one clean environment (tests/launch.py), with this rank's own variables.
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.clear()
+    os.environ.update(env)
     try:
         import torch
         import torch.distributed as dist

@@ -21,10 +21,7 @@ rules it does not reach and every other kind of bad input. Families:
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -36,6 +33,7 @@ from hydra.errors import HydraException
 
 import recap_embed.train.config  # noqa: F401  (registers the app's schema)
 from conftest import TESTS, compose_app
+from launch import console, run as run_command
 from recap_embed.config import ConfigValidationError, validate
 from recap_embed.errors import USER_ERRORS
 
@@ -516,14 +514,6 @@ def test_restore_reads_nothing_from_outside_and_nothing_non_finite(checkpoints: 
 # --------------------------------------------------------------------------- CLI: console scripts
 
 
-def console(name: str) -> List[str]:
-    script = Path(sys.executable).parent / name
-    if script.exists():
-        return [str(script)]
-    module = {"recap-embed-train": "recap_embed.train", "recap-embed-from-tml": "recap_embed.tml", "recap-embed-plan": "recap_embed.plan"}[name]
-    return [sys.executable, "-m", module]
-
-
 class CliCase(NamedTuple):
     script: str
     args: List[str]
@@ -577,12 +567,9 @@ def cli_results(tmp_path_factory, assets: Dict[str, Path]) -> Dict[str, Tuple[in
             args = [*flags, *run_arg, data, *TINY, *(a for a in args if not a.startswith("--"))]
         elif case.script == "recap-embed-plan":
             args = [f"hydra.run.dir={run_dir}", *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        env.pop("HYDRA_FULL_ERROR", None)
-        if case.full_error:
-            env["HYDRA_FULL_ERROR"] = "1"
-        out = subprocess.run([*console(case.script), *args], cwd=root, env=env, capture_output=True, text=True, timeout=240)
-        return out.returncode, out.stdout + out.stderr, run_dir
+        env = {"HYDRA_FULL_ERROR": "1"} if case.full_error else None
+        out = run_command(console(case.script, *args), cwd=root, env=env, timeout=240, expect=None)
+        return out.returncode, out.output, run_dir
 
     # The cheap (compose-time) cases first, so the pool stays busy with the slow ones.
     order = sorted(CLI, key=lambda n: CLI[n].code != 1)

@@ -8,13 +8,13 @@ its output's keys.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import pytest
+
+from launch import python_script, start, stop
 
 # Real training runs and subprocesses: deselect with -m "not slow" for a fast loop.
 pytestmark = pytest.mark.slow
@@ -40,23 +40,20 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Tuple[subprocess.Popen, Path, Path]]]:
     out_dir = tmp_path_factory.mktemp("bench_quick")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs: Dict[str, Tuple[subprocess.Popen, Path, Path]] = {}
     for script in EXPECTED:
         out = out_dir / (Path(script).stem + ".json")
         log = out_dir / (Path(script).stem + ".log")
         with open(log, "w") as f:
             procs[script] = (
-                subprocess.Popen([sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
-                                 cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT),
+                start(python_script(BENCHMARKS / script, "--quick", "--out", out), cwd=out_dir,
+                      env={"PYTHONWARNINGS": "ignore"}, stdout=f, stderr=subprocess.STDOUT),
                 out,
                 log,
             )
     yield procs
     for proc, _, _ in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
@@ -65,7 +62,7 @@ def test_quick_run(runs: Dict[str, Tuple[subprocess.Popen, Path, Path]], script:
     try:
         rc = proc.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        stop(proc)
         pytest.fail(f"{script} --quick did not finish in {TIMEOUT_S} s")
     assert rc == 0, f"{script} --quick exited {rc}:\n{log.read_text()[-4000:]}"
     data = json.loads(out.read_text())

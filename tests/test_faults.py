@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import torch
 from torchsnapshot import Snapshot, StateDict
 
-from multiprocess import free_port
+from launch import finish, free_port, python_c, python_m, run, start, stop, torchrun, wait_for
 from recap_embed.io.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints, restore_checkpoint, save_checkpoint
 
 # Real training runs and subprocesses: deselect with -m "not slow" for a fast loop.
@@ -73,14 +72,13 @@ def test_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> 
     for attempt, step in enumerate(range(2, 6)):
         # Early kills land in the tensor writes, later ones near the manifest and the rename.
         delay = rng.uniform(0.0, 0.3) if attempt < 2 else rng.uniform(0.3, 1.2) * write_seconds
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(ckpts), str(step), str(ELEMENTS)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = start(python_c(SAVER, ckpts, step, ELEMENTS), stderr=subprocess.PIPE)
         try:
-            assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+            assert [line.strip() for line in wait_for(proc, "writing", timeout=120)] == ["writing"]
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
         finally:
-            proc.wait(timeout=30)
+            stop(proc)  # reaped (and anything left of it killed) before the directory is read
         done = checkpoint_step(ckpts / f"step_{step}") == step
         outcomes.append("completed" if done else "killed mid-write")
         complete = list_checkpoints(ckpts)
@@ -110,13 +108,6 @@ TINY = [
 ]
 
 
-def _env() -> Dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_DEVICE_TRANSPORT": "TCP"}
-    for key in ("HYDRA_FULL_ERROR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-        env.pop(key, None)
-    return env
-
-
 def run_ranks_by_hand(args: List[str], cwd: Path) -> Tuple[List[int], str, float]:
     """Two ranks of `python -m recap_embed.train`, started without torchrun (no watchdog would
     stop a rank left waiting): (exit codes, combined output, seconds)."""
@@ -124,21 +115,18 @@ def run_ranks_by_hand(args: List[str], cwd: Path) -> Tuple[List[int], str, float
     procs = []
     t0 = time.perf_counter()
     for rank in range(2):
-        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "recap_embed.train", *args], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(start(python_m("recap_embed.train", *args), cwd=cwd, env=env))
     outputs, codes = [], []
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, RUN_LIMIT - (time.perf_counter() - t0)))
-            outputs.append(out)
-            codes.append(p.returncode)
+            done = finish(p, timeout=max(1.0, RUN_LIMIT - (time.perf_counter() - t0)))
+            outputs.append(done.stdout)
+            codes.append(done.returncode)
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            stop(p)
     return codes, "\n".join(outputs), time.perf_counter() - t0
 
 
@@ -176,15 +164,12 @@ def assert_stopped_once(codes: List[int], output: str, seconds: float, cause: st
 
 def test_every_rank_fails_alike_under_torchrun(tmp_path: Path, snapshots: Dict[str, Path]) -> None:
     """The snapshot is missing on every rank: both stop in the setup checks, one prints the cause."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     run_dir = tmp_path / "run"
     args = [f"hydra.run.dir={run_dir}", f"data.dir={snapshots['data']}", *TINY,
             f"embeddings.tables.user.pretrained.embedding_snapshot_uri={tmp_path / 'nowhere'}"]
     t0 = time.perf_counter()
-    out = subprocess.run([*cmd, "--standalone", "--nproc_per_node=2", "-m", "recap_embed.train", *args], cwd=tmp_path,
-                         env=_env(), capture_output=True, text=True, timeout=RUN_LIMIT + 30)
-    output = out.stdout + out.stderr
+    out = run(torchrun("-m", "recap_embed.train", *args, nproc_per_node=2), cwd=tmp_path, timeout=RUN_LIMIT + 30, expect=None)
+    output = out.output
     # torchrun's own report (ChildFailedError) is a traceback of torchrun, not of the ranks.
     ranks_output = output.split("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")[0]
     ranks_output = "\n".join(line for line in ranks_output.splitlines() if "/torch/distributed/" not in line and "torchrun" not in line)

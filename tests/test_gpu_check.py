@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch import python_script, run
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+ENV = {"PYTHONWARNINGS": "ignore"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would run the GPU checks")
 def test_without_cuda_it_says_so_and_exits_0():
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=ENV, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run(python_script(SCRIPT), env=ENV, timeout=120)
     assert "CUDA is not available" in proc.stdout and "nothing was checked" in proc.stdout
 
 
 def test_cpu_subset_passes_and_prints_one_table(tmp_path):
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(out)], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run(python_script(SCRIPT, "--cpu", "--out", out), env=ENV, timeout=300)
     assert "all checks passed on cpu" in proc.stdout
     import json
 

@@ -6,8 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -29,6 +27,7 @@ from recap_embed import instantiate
 from recap_embed.interop import TorchrecConversionError, from_torchrec, to_torchrec
 from recap_embed.modules import LargeEmbeddings
 
+from launch import Completed, python_m, run
 from multiprocess import full_weight
 
 
@@ -233,9 +232,10 @@ def test_bf16_is_refused_on_cpu_before_placement():
 # --------------------------------------------------------------------------- the training app
 
 
-def _train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+def _train(*overrides: str, cwd: Path) -> Completed:
+    """A small run of the training app; it exits 0 or the test fails with its output."""
     small = ["train.progress=false", "train.epochs=1", "data.synthetic.num_train=20000", "data.synthetic.num_eval=4000"]
-    return subprocess.run([sys.executable, "-m", "recap_embed.train", *small, *overrides], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return run(python_m("recap_embed.train", *small, *overrides), cwd=cwd, timeout=300)
 
 
 @pytest.mark.slow
@@ -244,13 +244,11 @@ def test_training_app_with_a_shared_feature_trains_and_warm_starts(tmp_path: Pat
     shared = ["+embeddings.tables={user2: {vocab: '${data.dir}/vocab/user', num_embeddings: null, oov_policy: default_row, "
               "feature_names: [user], embedding_dim: 8}}"]
     first = tmp_path / "first"
-    out = _train(*shared, f"hydra.run.dir={first}", cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _train(*shared, f"hydra.run.dir={first}", cwd=tmp_path)
     metrics = json.loads((first / "metrics.json").read_text())
     assert metrics["embedding_dims"] == {"user": 16, "item": 16, "user2": 8} and metrics["eval_auroc"] > 0.55
     ckpt = metrics["checkpoint"]
     warm = tmp_path / "warm"
-    out = _train(*shared, f"hydra.run.dir={warm}", f"data.dir={first / 'data'}", "train.max_steps=1",
-                 f"embeddings.tables.user2.pretrained.embedding_snapshot_uri={ckpt}", cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _train(*shared, f"hydra.run.dir={warm}", f"data.dir={first / 'data'}", "train.max_steps=1",
+           f"embeddings.tables.user2.pretrained.embedding_snapshot_uri={ckpt}", cwd=tmp_path)
     assert set(json.loads((warm / "metrics.json").read_text())["pretrained"]) == {"user2"}

@@ -11,9 +11,6 @@ path, so that none passes merely because the package was not found.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Dict, List
@@ -22,6 +19,8 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from launch import Completed, python_c, python_script, run
 
 APP = Path(__file__).resolve().parent / "apps" / "neighbour"
 
@@ -33,10 +32,9 @@ OWN_VALUES: Dict[str, Any] = {
 }
 
 
-def run_app(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
-    return subprocess.run([sys.executable, str(APP / "app.py"), *args], cwd=APP, env=env,
-                          capture_output=True, text=True, timeout=120)
+def run_app(*args: str) -> Completed:
+    """The neighbour app in the tests' clean environment (no HYDRA_* variables); it exits 0."""
+    return run(python_script(APP / "app.py", *args), cwd=APP, timeout=120)
 
 
 def help_groups(text: str) -> Dict[str, List[str]]:
@@ -76,19 +74,15 @@ def test_overrides_of_the_apps_own_keys_work():
 
 def test_app_main_composes_its_own_values():
     info = run_app("--info", "searchpath")
-    assert info.returncode == 0, info.stderr[-3000:]
     assert "recap_embed" in info.stdout, info.stdout  # recap_embed's search path is active in this app
     job = run_app("--cfg", "job")
-    assert job.returncode == 0, job.stderr[-3000:]
     assert yaml.safe_load(job.stdout) == OWN_VALUES
     ran = run_app("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
-    assert ran.returncode == 0, ran.stderr[-3000:]
     assert yaml.safe_load(ran.stdout) == OWN_VALUES
 
 
 def test_help_lists_no_recap_embed_group():
     out = run_app("--help")
-    assert out.returncode == 0, out.stderr[-3000:]
     groups = help_groups(out.stdout)
     assert "mine" in groups.get("embeddings", []) and "adam" in groups.get("embeddings/optimizer", []), groups
     assert "base" in groups.get("sharding", []), groups
@@ -145,8 +139,7 @@ STORE_PROBE = textwrap.dedent(
 
 
 def test_config_store_holds_no_recap_embed_node():
-    proc = subprocess.run([sys.executable, "-c", STORE_PROBE, str(APP / "conf")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run(python_c(STORE_PROBE, APP / "conf"), timeout=120)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "hydra_plugins.recap_embed.searchpath.RecapEmbedSearchPathPlugin" in report["plugins"], report["plugins"]
     for stage in ("before", "after_import_config", "after_import_package", "after_discovery", "after_compose"):

@@ -4,9 +4,6 @@ vocabs built or given, small tables and strata derived, and the up-front data ch
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -19,6 +16,7 @@ import yaml
 from hydra import compose, initialize
 
 import recap_embed.train.config  # noqa: F401  (registers the app's schema)
+from launch import python_m, run
 from recap_embed.errors import USER_ERRORS
 
 DISCRETE = ["region", "tier", "member", "plan"]
@@ -75,14 +73,10 @@ def data_args(own: Dict[str, Path]) -> List[str]:
     return ["data.source=parquet", f"data.train_path={own['train']}", f"data.eval_path={own['eval']}"]
 
 
+@pytest.mark.slow  # a real training run of the console app in a subprocess
 def test_one_command_trains_on_other_columns_and_kinds(own: Dict[str, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "recap_embed.train", f"hydra.run.dir={run_dir}", *data_args(own), *NAMES, *FAST],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run(python_m("recap_embed.train", f"hydra.run.dir={run_dir}", *data_args(own), *NAMES, *FAST), cwd=tmp_path, timeout=300)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_auroc"] > 0.65, metrics["eval"]
     assert metrics["rows"] == {"train": 10_800, "validation": 1_200, "eval": 3_000}

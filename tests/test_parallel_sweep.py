@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from launch import console, run
 from recap_embed.io.checkpoint import checkpoint_step, list_checkpoints
 
 # Real training runs and subprocesses: deselect with -m "not slow" for a fast loop.
@@ -28,24 +26,16 @@ TINY = [
 ]
 
 
-def train_command() -> list:
-    script = Path(sys.executable).parent / "recap-embed-train"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "recap_embed.train"]
-
-
 def test_parallel_jobs_keep_their_own_outputs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     shared = tmp_path / "shared_data"  # both jobs generate it at the same time
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    out = subprocess.run(
-        [*train_command(), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "embeddings.embedding_dim=4,8",
-         f"hydra.sweep.dir={sweep}", f"data.dir={shared}", *TINY,
-         "train.checkpoint_async=true"],  # the final asynchronous save must complete too
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    out = run(
+        console("recap-embed-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "embeddings.embedding_dim=4,8",
+                f"hydra.sweep.dir={sweep}", f"data.dir={shared}", *TINY,
+                "train.checkpoint_async=true"),  # the final asynchronous save must complete too
+        cwd=tmp_path, timeout=300,
     )
-    output = out.stdout + out.stderr
-    assert out.returncode == 0, output[-4000:]
+    output = out.output
     assert "Traceback" not in output, output[-4000:]
 
     jobs = {}

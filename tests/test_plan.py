@@ -3,9 +3,6 @@ reproducing the plan in a real 2-rank (gloo) run."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -15,6 +12,7 @@ from hydra import compose, initialize
 from omegaconf import OmegaConf
 
 import recap_embed.plan.config  # noqa: F401  (registers the app's schema)
+from launch import Completed, python_m, run
 from multiprocess import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +46,9 @@ def huge(dim: int, n: int = 1000, total: int = 10**11, world_size: int = 512) ->
     }
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, "-m", "recap_embed.plan", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+def run_cli(*args: str, cwd: Path, expect: int = 0) -> Completed:
+    """`python -m recap_embed.plan args`; the test fails unless it exits with `expect`."""
+    return run(python_m("recap_embed.plan", *args), cwd=cwd, timeout=120, expect=expect)
 
 
 # --------------------------------------------------------------------------- memory math
@@ -189,7 +186,6 @@ def test_cli_plan_file_reproduces_the_plan_in_a_two_rank_run(tmp_path):
 
     run_dir = tmp_path / "run"
     out = run_cli(*ROUND_TRIP, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
     assert "critical path" in out.stdout and "Successfully loaded" not in out.stdout + out.stderr
     assert (run_dir / "plan.txt").read_text().strip() in out.stdout
     planned = load_plan_file(run_dir / "plan.json")
@@ -217,7 +213,6 @@ def test_cli_plan_file_reproduces_the_plan_in_a_two_rank_run(tmp_path):
 
 def test_cli_help_lists_the_topology_fields(tmp_path):
     out = run_cli("--help", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
     for name in ("world_size", "local_world_size", "compute_device", "hbm_cap_gb", "ddr_cap_gb", "batch_size", "pooling_factor"):
         assert f"topology.{name}" in out.stdout
     assert "recap-embed-plan" in out.stdout
@@ -225,9 +220,8 @@ def test_cli_help_lists_the_topology_fields(tmp_path):
 
 def test_cli_does_not_fit_exits_2_without_traceback(tmp_path):
     out = run_cli("topology.world_size=2", "topology.compute_device=cpu", "topology.ddr_cap_gb=0.001",
-                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    text = out.stdout + out.stderr
-    assert out.returncode == 2, text
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, expect=2)
+    text = out.output
     assert "Traceback" not in text
     assert "the tables do not fit on 2 cpu ranks" in text and "user (424,241 × 4 fp32" in text
     assert not (tmp_path / "run" / "plan.json").exists()

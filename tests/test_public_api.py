@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import inspect
-import subprocess
 import sys
 import textwrap
 
 import recap_embed
+from launch import python_c, run
 
 PUBLIC = [n for n in recap_embed.__all__ if n != "__version__"]
 
@@ -68,7 +68,7 @@ def test_public_names_when_the_deprecated_module_is_imported_first() -> None:
         assert recap_embed.build is build and recap_embed.check_targets is check_targets
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    run(python_c(code), timeout=120)
 
 
 def test_import_recap_embed_stays_torch_free() -> None:
@@ -77,7 +77,7 @@ def test_import_recap_embed_stays_torch_free() -> None:
         "heavy = sorted(m for m in ('torch', 'torchrec', 'fbgemm_gpu') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    run(python_c(code), timeout=120)
 
 
 def test_moved_modules_still_import_for_one_release() -> None:

@@ -6,18 +6,17 @@ a signal sent to one of them."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import pytest
 
-from multiprocess import free_port
+import launch
+from launch import free_port, python_m, stop, wait_for
 
 # 2,000 examples (1,800 after the validation split) in batches of 128: 14 steps per epoch, ~3 ms each.
 TINY = [
@@ -29,42 +28,20 @@ TINY = [
 LONG = [*TINY, "train.epochs=90", "train.max_steps=1200", "train.checkpoint_every=100"]
 
 
-def env(**extra: str) -> Dict[str, str]:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_DEVICE_TRANSPORT": "TCP", **extra}
-    for key in ("HYDRA_FULL_ERROR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-        if key not in extra:
-            e.pop(key, None)
-    return e
-
-
 def train(args: List[str], cwd: Path, timeout: float = 240, preexec=None) -> Tuple[int, str]:
-    out = subprocess.run([sys.executable, "-m", "recap_embed.train", *args], cwd=cwd, env=env(), capture_output=True,
-                         text=True, timeout=timeout, preexec_fn=preexec)
-    return out.returncode, out.stdout + out.stderr
+    """(exit status, stdout + stderr) of the training app run to its end."""
+    out = launch.run(python_m("recap_embed.train", *args), cwd=cwd, timeout=timeout, expect=None, preexec_fn=preexec)
+    return out.returncode, out.output
 
 
-def start(args: List[str], cwd: Path, **extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "recap_embed.train", *args], cwd=cwd, env=env(**extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(proc: subprocess.Popen, needle: str, timeout: float = 180) -> List[str]:
-    """Lines of `proc` until one contains `needle` (the process keeps running)."""
-    lines: List[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"process ended before {needle!r}:\n" + "".join(lines[-40:]))
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"no {needle!r} within {timeout} s:\n" + "".join(lines[-40:]))
+def start(args: List[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """The training app, running; stdout and stderr merged, for `wait_for` and signals."""
+    return launch.start(python_m("recap_embed.train", *args), cwd=cwd, env=env)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> Tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
+    done = launch.finish(proc, timeout=timeout)
+    return done.returncode, done.stdout
 
 
 def metrics(run_dir: Path) -> dict:
@@ -116,8 +93,7 @@ def test_a_stopped_run_resumes_to_the_same_result(tmp_path: Path, data: Path, un
         proc.send_signal(sig)
         code, out = finish(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop(proc)
     assert not (run_dir / "metrics.json").exists()
     saved = checkpoints(run_dir)
     if sig == signal.SIGKILL:
@@ -253,8 +229,7 @@ def test_two_ranks_stop_together_when_one_gets_sigterm(tmp_path: Path, data: Pat
         results = [finish(p) for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            stop(p)
     codes = [c for c, _ in results]
     output = "".join(o for _, o in results)
     assert codes == [143, 143], (codes, output[-4000:])

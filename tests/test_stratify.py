@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -21,6 +16,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 import recap_embed.config  # noqa: F401  (registers the groups)
 import recap_embed.modules
+from multiprocess import run_ranks
 from recap_embed.config import ConfigValidationError, StratifierConfig
 from recap_embed.modules.stratify import (
     StratifiedMetric,
@@ -182,32 +178,21 @@ def test_instantiate_presets(hydra_dir: Path, preset: str, names: List[str]) -> 
 # --------------------------------------------------------------------------- distributed sync
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        b = data(120, seed=10 + rank)
-        if rank == 1:
-            b["discrete"][:, 0] = 1  # country_0 has rows on rank 0 only
-        metrics = StratifiedMetrics(
-            {"auroc": BinaryAUROC, "accuracy": BinaryAccuracy, "loss": MeanMetric}, Stratifiers(STRATA)
-        )
-        metrics.update(b["preds"], b["target"], b["discrete"], loss=b["loss"])
-        results[rank] = metrics.compute()
-    finally:
-        dist.destroy_process_group()
+def _stratified_on_this_rank(rank: int, world: int) -> Dict[str, torch.Tensor]:
+    """One rank's metrics, synced over the process group `run_ranks` set up."""
+    b = data(120, seed=10 + rank)
+    if rank == 1:
+        b["discrete"][:, 0] = 1  # country_0 has rows on rank 0 only
+    metrics = StratifiedMetrics(
+        {"auroc": BinaryAUROC, "accuracy": BinaryAccuracy, "loss": MeanMetric}, Stratifiers(STRATA)
+    )
+    metrics.update(b["preds"], b["target"], b["discrete"], loss=b["loss"])
+    return metrics.compute()
 
 
 def test_compute_syncs_across_ranks_with_strata_empty_on_some_ranks() -> None:
     """Two gloo ranks; a stratum empty on one rank, one empty on both: no hang, pooled values."""
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    results = run_ranks(_stratified_on_this_rank, 2, timeout=120)
     pooled = [data(120, seed=10), data(120, seed=11)]
     pooled[1]["discrete"][:, 0] = 1
     preds, target, loss, discrete = (torch.cat([b[k] for b in pooled]) for k in ("preds", "target", "loss", "discrete"))

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import List
 
 import pytest
 import yaml
 
+from launch import Completed, python_m, run
 from recap_embed.train.report import collect, line_groups, split_params, write_report
 
 TINY = [
@@ -21,16 +19,15 @@ TINY = [
 ]
 
 
-def train_multirun(args: List[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "recap_embed.train", "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+def train_multirun(args: List[str], cwd: Path) -> Completed:
+    """A sweep of the training app; it exits 0 or the test fails with its output."""
+    return run(python_m("recap_embed.train", "-m", *args), cwd=cwd, timeout=400)
 
 
+@pytest.mark.slow  # a real sweep of the training app in a subprocess
 def test_two_key_sweep_reports_fixed_overrides_once_and_one_line_per_second_key(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    out = train_multirun(["embeddings.embedding_dim=4,8", "train.dense_optimizer.lr=0.01,0.001", f"hydra.sweep.dir={sweep}", f"data.dir={tmp_path / 'data'}", *TINY], tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    train_multirun(["embeddings.embedding_dim=4,8", "train.dense_optimizer.lr=0.01,0.001", f"hydra.sweep.dir={sweep}", f"data.dir={tmp_path / 'data'}", *TINY], tmp_path)
     summary = (sweep / "summary.md").read_text()
     head, table = summary.split("\n\n", 1)
     assert "over `embeddings.embedding_dim`, `train.dense_optimizer.lr`" in head
@@ -52,15 +49,15 @@ def test_two_key_sweep_reports_fixed_overrides_once_and_one_line_per_second_key(
     assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a real Optuna sweep of the training app in a subprocess
 def test_optuna_sweep_of_three_trials_marks_its_best_trial(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed (requirements/test.txt)")
     sweep = tmp_path / "sweep"
-    out = train_multirun(
+    train_multirun(
         ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=1",
          "embeddings.embedding_dim=choice(4,8,16)", f"hydra.sweep.dir={sweep}", f"data.dir={tmp_path / 'data'}", *TINY],
         tmp_path,
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
     assert len(jobs) == 3

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig
 
+from launch import python_m, run
 from recap_embed.tml.cli import main
 from recap_embed.config import table_specs, validate
 from recap_embed.config.store import register_configs
@@ -524,13 +523,11 @@ def test_cli_warns_about_our_rules_but_converts(tml_file: Path, capsys: pytest.C
 
 
 def test_module_entry_point(tml_file: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    run = [sys.executable, "-m", "recap_embed.tml"]
-    ok = subprocess.run([*run, tml_file.name, "--print"], cwd=tml_file.parent, env=env, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    ok = run(python_m("recap_embed.tml", tml_file.name, "--print"), cwd=tml_file.parent, env=env, timeout=120)
     assert "# ==> stratifiers/recap_v2.yaml <==" in ok.stdout
-    bad = subprocess.run([*run, tml_file.name, "--key", "nope"], cwd=tml_file.parent, env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    bad = run(python_m("recap_embed.tml", tml_file.name, "--key", "nope"), cwd=tml_file.parent, env=env, timeout=120, expect=2)
+    assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("key", [None, "model", "model.embeddings"])
@@ -764,24 +761,20 @@ def test_twhin_yaml_plans_and_trains_in_the_training_app(twhin_file: Path, key: 
     """
     assert main([twhin_file.name, "--name", "twhin_tml"] + (["--key", key] if key else [])) == 0
     conf = twhin_file.parent / "conf"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [f"hydra.searchpath=[file://{conf}]", "embeddings=twhin_tml"]
     plan_dir = twhin_file.parent / "plan"
-    planned = subprocess.run([sys.executable, "-m", "recap_embed.plan", *common, "topology.world_size=2", f"hydra.run.dir={plan_dir}"],
-                             cwd=twhin_file.parent, env=env, capture_output=True, text=True, timeout=300)
-    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
+    run(python_m("recap_embed.plan", *common, "topology.world_size=2", f"hydra.run.dir={plan_dir}"), cwd=twhin_file.parent, timeout=300)
     plan = json.loads((plan_dir / "plan.json").read_text())
     assert set(plan["tables"]) == {"user", "tweet"}
 
     run_dir = twhin_file.parent / "run"
-    trained = subprocess.run(
-        [sys.executable, "-m", "recap_embed.train", *common, "~embeddings.tables.item",
-         "embeddings.tables.tweet.feature_names=[item]", "embeddings.tables.tweet.vocab=${data.dir}/vocab/item",
-         "data.synthetic.num_train=20000", "data.synthetic.num_eval=4000", "data.synthetic.unknown_rate=0",
-         "train.epochs=1", "train.progress=false", f"hydra.run.dir={run_dir}"],
-        cwd=twhin_file.parent, env=env, capture_output=True, text=True, timeout=300,
+    run(
+        python_m("recap_embed.train", *common, "~embeddings.tables.item",
+                 "embeddings.tables.tweet.feature_names=[item]", "embeddings.tables.tweet.vocab=${data.dir}/vocab/item",
+                 "data.synthetic.num_train=20000", "data.synthetic.num_eval=4000", "data.synthetic.unknown_rate=0",
+                 "train.epochs=1", "train.progress=false", f"hydra.run.dir={run_dir}"),
+        cwd=twhin_file.parent, timeout=300,
     )
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     composed = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["embeddings"]["tables"]
     assert {k: (t["num_embeddings"], t["embedding_dim"], t["optimizer"]["init_learning_rate"]) for k, t in composed.items()} == {
         "user": (424241, 4, 0.01), "tweet": (72543, 4, 0.005)}

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
-from typing import List
 
 import pytest
 
 from conftest import TESTS
+from launch import Completed, python_c, python_m, python_script, run, torchrun
 
 # Real training runs and subprocesses: deselect with -m "not slow" for a fast loop.
 pytestmark = pytest.mark.slow
@@ -22,14 +19,9 @@ REPO = TESTS.parent
 DEFAULT = ["train.progress=false"]
 
 
-def run(args: List[str], cwd: Path, timeout: int = 300, env_extra=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    return out
-
-
-def train_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "recap_embed.train", *overrides], cwd=cwd)
+def train_cli(*overrides: str, cwd: Path) -> Completed:
+    """`python -m recap_embed.train overrides`; it exits 0 or the test fails with its output."""
+    return run(python_m("recap_embed.train", *overrides), cwd=cwd, timeout=300)
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -40,8 +32,7 @@ def metrics_of(run_dir: Path) -> dict:
 def first_run(tmp_path_factory) -> Path:
     """One default training, shared by the tests that read its outputs."""
     run_dir = tmp_path_factory.mktemp("run1")
-    out = train_cli(*DEFAULT, f"hydra.run.dir={run_dir}", cwd=run_dir)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    train_cli(*DEFAULT, f"hydra.run.dir={run_dir}", cwd=run_dir)
     return run_dir
 
 
@@ -71,7 +62,7 @@ def test_default_training_beats_chance_and_writes_its_outputs(first_run: Path):
 def test_warm_start_reaches_the_first_runs_auc_in_fewer_steps(first_run: Path, tmp_path: Path):
     first = metrics_of(first_run)
     ckpt = first["checkpoint"]
-    out = train_cli(
+    train_cli(
         *DEFAULT,
         "train.max_steps=700",
         f"hydra.run.dir={tmp_path}",
@@ -81,7 +72,6 @@ def test_warm_start_reaches_the_first_runs_auc_in_fewer_steps(first_run: Path, t
         f"embeddings.tables.item.pretrained.embedding_snapshot_uri={ckpt}",
         cwd=tmp_path,
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     second = metrics_of(tmp_path)
     target = first["validation_auroc"] - 0.005
 
@@ -93,8 +83,7 @@ def test_warm_start_reaches_the_first_runs_auc_in_fewer_steps(first_run: Path, t
 
 
 def test_sweep_over_embedding_dim_writes_summary_and_plot(tmp_path: Path):
-    out = train_cli("-m", "embeddings.embedding_dim=4,8", f"hydra.sweep.dir={tmp_path}", "train.progress=false", "train.max_steps=60", "data.synthetic.num_train=60000", cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    train_cli("-m", "embeddings.embedding_dim=4,8", f"hydra.sweep.dir={tmp_path}", "train.progress=false", "train.max_steps=60", "data.synthetic.num_train=60000", cwd=tmp_path)
     rows = (tmp_path / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("job,embeddings.embedding_dim,validation_auroc,eval_auroc")
     assert len(rows) == 3 and rows[1].startswith("0,4,") and rows[2].startswith("1,8,")
@@ -106,15 +95,13 @@ def test_sweep_over_embedding_dim_writes_summary_and_plot(tmp_path: Path):
 
 
 def test_torchrun_two_processes_share_one_run_dir_and_one_checkpoint(tmp_path: Path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found next to the interpreter"
-    out = run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "recap_embed.train", f"hydra.run.dir={tmp_path}",
-         "train.progress=false", "train.max_steps=40", "data.synthetic.num_train=60000", "sharding=table_wise"],
+    run(
+        torchrun("-m", "recap_embed.train", f"hydra.run.dir={tmp_path}",
+                 "train.progress=false", "train.max_steps=40", "data.synthetic.num_train=60000", "sharding=table_wise",
+                 nproc_per_node=2),
         cwd=tmp_path,
         timeout=300,
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     metrics = metrics_of(tmp_path)
     assert metrics["world_size"] == 2
     checkpoints = sorted(p for p in (tmp_path / "checkpoints").iterdir() if p.name != "best")
@@ -131,8 +118,7 @@ def test_torchrun_two_processes_share_one_run_dir_and_one_checkpoint(tmp_path: P
 def test_example_app_runs_from_a_temporary_directory(tmp_path: Path):
     app_dir = tmp_path / "ranker"
     shutil.copytree(REPO / "examples" / "ranker", app_dir)
-    out = run([sys.executable, "app.py", "embeddings.embedding_dim=8", "embeddings/optimizer=rowwise_adagrad", f"hydra.run.dir={tmp_path / 'out'}"], cwd=app_dir)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run(python_script("app.py", "embeddings.embedding_dim=8", "embeddings/optimizer=rowwise_adagrad", f"hydra.run.dir={tmp_path / 'out'}"), cwd=app_dir, timeout=300)
     assert "trained 20 steps" in out.stdout
     assert "'user': 0.01" in out.stdout and "'tweet': 0.005" in out.stdout  # per-table schedules applied
 
@@ -142,10 +128,9 @@ def test_config_only_commands_do_not_import_torch():
         "import sys, runpy; sys.argv = ['recap-embed-train', '--cfg', 'job'];"
         "import recap_embed.train.app as app\n"
         "try:\n    app.main()\nexcept SystemExit:\n    pass\n"
-        "sys.exit(3 if 'torch' in sys.modules else 0)"
+        "sys.exit('torch was imported' if 'torch' in sys.modules else 0)"
     )
-    out = run([sys.executable, "-c", code], cwd=TESTS)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    out = run(python_c(code), cwd=TESTS, timeout=300)
     assert "embeddings:" in out.stdout
 
 
@@ -155,13 +140,12 @@ def test_own_parquet_data_with_the_same_columns(tmp_path: Path):
 
     # "Your own data": parquet files and vocabs somewhere else, named on the command line.
     own = generate_synthetic(tmp_path / "mine", SyntheticConfig(num_train=40_000, num_eval=8_000), seed=3)
-    out = train_cli(
+    train_cli(
         "train.progress=false", "train.max_steps=30", f"hydra.run.dir={tmp_path / 'run'}",
         "data.source=parquet", f"data.train_path={own / 'train.parquet'}", f"data.eval_path={own / 'eval.parquet'}",
         f"embeddings.tables.user.vocab={own / 'vocab' / 'user'}", f"embeddings.tables.item.vocab={own / 'vocab' / 'item'}",
         cwd=tmp_path,
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     metrics = metrics_of(tmp_path / "run")
     assert metrics["steps"] == 30 and metrics["best_possible_eval_auroc"] is None
     assert not (tmp_path / "run" / "data").exists()  # nothing generated

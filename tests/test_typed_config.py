@@ -6,7 +6,6 @@ through the compose API and as a real `@hydra.main` process.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import MINIMAL_APP, compose_app
+from launch import python_script, run
 from recap_embed.config import (
     ConfigWarning,
     DataType,
@@ -61,11 +61,7 @@ def test_a_table_setting_interpolates_into_the_apps_own_config(tmp_path: Path):
 
 
 def test_cfg_job_resolve_shows_the_effective_table():
-    out = subprocess.run(
-        [sys.executable, str(MINIMAL_APP / "app.py"), "--cfg", "job", "--resolve", "embeddings.embedding_dim=8"],
-        capture_output=True, text=True, timeout=120, cwd=MINIMAL_APP,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run(python_script(MINIMAL_APP / "app.py", "--cfg", "job", "--resolve", "embeddings.embedding_dim=8"), cwd=MINIMAL_APP, timeout=120)
     shown = yaml.safe_load(out.stdout)
     user = shown["embeddings"]["tables"]["user"]
     assert user["embedding_dim"] == 8 and user["data_type"] == "fp32"
@@ -156,9 +152,5 @@ def test_builders_take_the_parsed_config_without_parsing_again(monkeypatch):
 
 
 def test_a_sweep_over_the_collection_dim_changes_every_table(tmp_path: Path):
-    out = subprocess.run(
-        [sys.executable, str(MINIMAL_APP / "app.py"), "-m", "embeddings.embedding_dim=8,16", f"hydra.sweep.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=180, cwd=MINIMAL_APP,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run(python_script(MINIMAL_APP / "app.py", "-m", "embeddings.embedding_dim=8,16", f"hydra.sweep.dir={tmp_path}"), cwd=MINIMAL_APP, timeout=180)
     assert "DIMS {'user': 8, 'tweet': 8}" in out.stdout and "DIMS {'user': 16, 'tweet': 16}" in out.stdout

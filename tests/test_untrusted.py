@@ -201,17 +201,15 @@ def test_interpolation_cycles_end() -> None:
 # --------------------------------------------------------------------------- what Hydra builds
 
 
-def _train(args, cwd: Path, env_extra=None):
-    import subprocess
-    import sys
+def _train(args, cwd: Path):
+    """(exit status, stdout + stderr, seconds) of `python -m recap_embed.train args`."""
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    env.update(env_extra or {})
+    from launch import python_m, run
+
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "recap_embed.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    return out.returncode, out.stdout + out.stderr, time.perf_counter() - t0
+    out = run(python_m("recap_embed.train", *args), cwd=cwd, timeout=120, expect=None)
+    return out.returncode, out.output, time.perf_counter() - t0
 
 
 EVIL = {
