@@ -254,7 +254,7 @@ class Trainer:
         self.optimizer.zero_grad()
         loss.backward()
         value, signum = self.agreement.step(loss, signum)
-        check_loss(value, self.step + 1, self._rates())  # before the update is kept anywhere
+        check_loss(value, self.step + 1, self._rates)  # before the update is kept anywhere
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
