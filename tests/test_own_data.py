@@ -143,6 +143,37 @@ def test_given_small_table_too_small_for_a_column(own: Dict[str, Path], tmp_path
     assert "codes go up to 2; set num_embeddings >= 3" in message
 
 
+def test_built_vocab_paths_are_set_without_a_second_parse_of_the_tables(own: Dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    from recap_embed.train.preflight import build_vocab_paths, preflight
+
+    # The submodules by their module names: `recap_embed.config.validate` is also a function.
+    resolve, validate_module = (sys.modules[f"recap_embed.config.{name}"] for name in ("resolve", "validate"))
+
+    parsed_sections: List[str] = []
+    real = resolve.parse_section
+
+    def counting(node, schema, prefix, problems):
+        parsed_sections.append(schema.__name__)
+        return real(node, schema, prefix, problems)
+
+    for module in (resolve, validate_module):
+        monkeypatch.setattr(module, "parse_section", counting)
+    # user: renamed, so its vocab dir follows the name; item: rows given, so no vocab is built.
+    cfg = compose_train([*data_args(own), *NAMES, "embeddings.tables.user.name=people", "embeddings.tables.user.feature_names=[user]",
+                         "embeddings.tables.item.num_embeddings=500"])
+    assert build_vocab_paths(cfg, tmp_path) == ["user"] and not parsed_sections
+    assert cfg.embeddings.tables.user.vocab == str(tmp_path / "vocabs" / "people") and cfg.embeddings.tables.item.vocab is None
+    parsed = preflight(cfg, torch.device("cpu"), 1)
+    assert parsed_sections.count("LargeEmbeddingsConfig") == 1  # once, by validate
+    assert {s.key: s.vocab for s in parsed.embeddings.tables} == {"user": str(tmp_path / "vocabs" / "people"), "item": None}
+
+    # A table whose fields cannot be read is left to validate, which names it.
+    cfg = compose_train([*data_args(own), *NAMES, "embeddings.tables.item.num_embeddings=???"])
+    assert build_vocab_paths(cfg, tmp_path) == ["user"] and cfg.embeddings.tables.item.vocab is None
+    with pytest.raises(USER_ERRORS, match=r"embeddings\.tables\.item\.num_embeddings"):
+        preflight(cfg, torch.device("cpu"), 1)
+
+
 def write(tmp_path: Path, name: str, table: pa.Table) -> Path:
     path = tmp_path / name
     pq.write_table(table, path)

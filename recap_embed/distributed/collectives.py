@@ -27,6 +27,7 @@ __all__ = [
     "backend_for",
     "env_world_size",
     "is_collective",
+    "is_initialized",
     "join_process_group",
     "leave_on_exit",
     "leave_process_group",
@@ -49,20 +50,21 @@ class RanksFailedError(RuntimeError):
 # --------------------------------------------------------------------------- who am I
 
 
-def _initialized() -> bool:
+def is_initialized() -> bool:
+    """Whether a default process group exists (torchrun's, the user's, or the one `shard` made)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank_and_world(pg: Any = None) -> Tuple[int, int]:
     """``(rank, world size)`` in `pg` (the default group when None); ``(0, 1)`` without a group."""
-    if _initialized():
+    if is_initialized():
         return dist.get_rank(pg), dist.get_world_size(pg)
     return 0, 1
 
 
 def is_collective(pg: Any = None) -> bool:
     """Whether other ranks take part: a group of more than one process is initialised."""
-    return _initialized() and dist.get_world_size(pg) > 1
+    return is_initialized() and dist.get_world_size(pg) > 1
 
 
 def env_world_size() -> int:
@@ -74,7 +76,7 @@ def model_process_group(model: nn.Module) -> Optional[Any]:
     """The group a sharded model (DMP) runs in; the default group, or None, for any other model."""
     env = getattr(model, "_env", None)
     pg = getattr(env, "process_group", None) if env is not None else None
-    if pg is None and _initialized():
+    if pg is None and is_initialized():
         pg = dist.group.WORLD
     return pg
 
@@ -169,7 +171,7 @@ def backend_for(device_type: str) -> str:
 def join_process_group(device_type: str) -> bool:
     """Join the group torchrun describes (``WORLD_SIZE`` > 1) unless one exists; returns whether
     this call created it (and so whether the caller should leave it)."""
-    if env_world_size() > 1 and not _initialized():
+    if env_world_size() > 1 and not is_initialized():
         dist.init_process_group(backend=backend_for(device_type))
         return True
     return False
@@ -183,7 +185,7 @@ def one_rank_group(pg: Optional[Any], device_type: str) -> Any:
     """
     if pg is not None:
         return pg
-    if _initialized():
+    if is_initialized():
         return dist.group.WORLD
     world = env_world_size()
     if world > 1:
@@ -204,7 +206,7 @@ def leave_process_group() -> None:
     and a rank that finished cleanly dies with SIGABRT ("terminate called without an active
     exception").
     """
-    if _initialized():
+    if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
@@ -215,7 +217,7 @@ def leave_on_exit(code: int) -> None:
     process (SIGABRT from a gloo thread that loses its connection) and turn a clean exit status
     into a crash. No barrier: the other ranks may be gone already."""
     try:
-        if not _initialized():
+        if not is_initialized():
             return
         if dist.get_world_size() > 1:
             logging.shutdown()  # flush the run's log file and the console

@@ -31,7 +31,7 @@ collection, is passed to torchrec's forward as well.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import nn

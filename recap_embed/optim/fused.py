@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
-from recap_embed.config import ConfigError, EmbeddingOptimizerConfig, OptimizerAlgorithm, TableSpec
+from recap_embed.config import ConfigError, EmbeddingOptimizerConfig, OptimizerAlgorithm
 from recap_embed.distributed.collectives import model_world_size
 from recap_embed.modules.tables import large_embeddings, table_parameters
 

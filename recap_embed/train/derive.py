@@ -21,23 +21,57 @@ preset to pin them.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from recap_embed.files import atomic_write_text
 from recap_embed.io.vocab import save_vocab
 
 from .own_data import DataError, DiscreteCodes
 
-__all__ = ["derived_dim", "derive_small_tables", "derive_strata", "vocab_from_ids", "write_vocab", "VOCAB_DIR"]
+__all__ = ["derived_dim", "derive_small_tables", "derive_strata", "derive_from_training", "vocab_from_ids", "write_vocab", "VOCAB_DIR"]
 
 log = logging.getLogger("recap_embed.train")
 
 #: Where built vocabs go, under the run dir.
 VOCAB_DIR = "vocabs"
+
+
+Sections = Tuple[Optional[Dict[str, Dict[str, int]]], Optional[Dict[str, Dict[str, int]]]]
+
+
+def derive_from_training(cfg: Any, codes: DiscreteCodes, train: Any, vocabs: Mapping[str, Any], output_dir: Path, rank: int) -> Sections:
+    """Everything the config leaves to the training split (`train`, its `Examples`): the small
+    tables and strata of empty sections (as `data.derive` asks), and the vocab of each table in
+    `vocabs` ({key: spec}, their paths set by `preflight.build_vocab_paths`). Rank 0 writes the
+    vocabs, the codes (discrete_codes.json) and the derived sections (derived.yaml) into the run
+    dir. Returns (small tables or None, strata or None), in config form."""
+    d = cfg.data.derive
+    small = strata = None
+    if d.small_embeddings and not len(cfg.small_embeddings.get("tables") or {}):
+        small = derive_small_tables(codes, int(d.max_dim))
+    if d.stratifiers and not len(cfg.stratifiers.get("strata") or {}):
+        strata = derive_strata(codes, int(d.strata_per_column))
+    by_feature = {"user": train.user_ids.numpy(), "item": train.item_ids.numpy()}
+    vocab_ids = {key: vocab_from_ids([by_feature[f] for f in spec.feature_names]) for key, spec in vocabs.items()}
+    if rank == 0:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for key, spec in vocabs.items():
+            write_vocab(Path(spec.vocab), vocab_ids[key], spec.path)
+        atomic_write_text(output_dir / "discrete_codes.json", json.dumps(codes.to_json(), indent=2) + "\n")
+        if small is not None or strata is not None:
+            atomic_write_text(output_dir / "derived.yaml", as_yaml(small, strata))
+        if small:
+            log.info("small tables derived from the data: %s", ", ".join(f"{k} {t['num_embeddings']}x{t['embedding_dim']}" for k, t in small.items()))
+        if strata:
+            log.info("strata derived from the data: %s", ", ".join(strata))
+    return small, strata
 
 
 def derived_dim(rows: int, max_dim: int) -> int:

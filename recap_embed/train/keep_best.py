@@ -23,6 +23,8 @@ from recap_embed.config import ConfigError
 from recap_embed.distributed.collectives import rank_and_world
 from recap_embed.io.checkpoint import PendingCheckpoint, list_checkpoints, save_checkpoint
 
+from .config import ValidationMetric
+
 __all__ = ["KeepBest", "BEST_DIR"]
 
 log = logging.getLogger("recap_embed.train")
@@ -48,6 +50,13 @@ class KeepBest:
         self.best_metrics: Dict[str, float] = {}
         self.evals_since_best = 0
         self.checkpoint: Optional[Path] = None
+
+    @classmethod
+    def from_config(cls, train_cfg: Any) -> "KeepBest":
+        """From the app's `train` section: `early_stopping.metric`, `patience`, `min_delta` (checked)."""
+        stop = train_cfg.early_stopping
+        metric = stop.metric if isinstance(stop.metric, ValidationMetric) else ValidationMetric[str(stop.metric)]
+        return cls(metric.value, metric is ValidationMetric.auroc, stop.patience, stop.min_delta)
 
     # ------------------------------------------------------------------ decisions
 

@@ -28,7 +28,7 @@ from recap_embed.io.checkpoint import checkpoint_step, list_checkpoints, save_ch
 from .fingerprint import CHECKPOINT_INFO
 from .rundir import RunDirInUse, RunDirLock  # noqa: F401  (re-exported)
 
-__all__ = ["CheckpointPolicy", "RunDirInUse", "RunDirLock", "resume_point", "supersede"]
+__all__ = ["CheckpointPolicy", "RunDirInUse", "RunDirLock", "check_resumable", "resume_point", "supersede"]
 
 log = logging.getLogger("recap_embed.train")
 
@@ -56,6 +56,25 @@ def resume_point(output_dir: Path, resume: bool) -> Optional[Path]:
     if not resume:
         return None
     return found[-1]
+
+
+def check_resumable(path: Path, info: Mapping[str, Any], vocabs: Mapping[str, Any], trajectory: Mapping[str, Any], rank: int) -> None:
+    """May this run continue from checkpoint `path`, whose `recap_embed.json` is `info`? Its
+    vocabularies must be this run's (`vocabs`: fingerprints by table), else its rows would get
+    other ids; settings that decide the batches (`trajectory`) may differ, which is logged."""
+    saved = info.get("vocabs")
+    if saved is not None and saved != vocabs:
+        differ = sorted(k for k in set(saved) | set(vocabs) if saved.get(k) != vocabs.get(k))
+        raise ConfigError(
+            f"train.resume: checkpoint {path} was trained with other vocabularies for table(s) {differ} than this run "
+            f"has (another data.dir or vocab): resuming would give its rows other ids; set train.resume=false to start "
+            f"afresh (the old checkpoints are kept aside), or use the data it was trained on"
+        )
+    changed = {k: (v, trajectory.get(k)) for k, v in (info.get("trajectory") or {}).items() if trajectory.get(k) != v}
+    if changed and rank == 0:
+        log.warning("resuming from %s with other settings than it was trained with (%s): training continues, "
+                    "but not along the batches the original run would have seen", path,
+                    ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items()))
 
 
 def final_metrics(output_dir: Path, step: int) -> Optional[Dict[str, Any]]:
