@@ -4,6 +4,7 @@ vocabs built or given, small tables and strata derived, and the up-front data ch
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List
 
