@@ -17,6 +17,7 @@ from recap_embed.config import ConfigError, ParsedConfig, SmallEmbeddingsConfig,
 from recap_embed.config.resolve import config_prefix
 from recap_embed.errors import UserError
 
+from .discrete import check_columns
 from .names import check_module_names
 
 __all__ = ["SmallEmbeddings", "SmallEmbeddingsError", "SmallTable"]
@@ -146,18 +147,9 @@ class SmallEmbeddings(nn.Module):
         return torch.cat([self.embeddings[t.name](discrete[:, t.index]) for t in self.tables], dim=1)
 
     def _check_shape(self, discrete: torch.Tensor) -> None:
-        if not isinstance(discrete, torch.Tensor) or discrete.dim() != 2:
-            shape = tuple(discrete.shape) if isinstance(discrete, torch.Tensor) else type(discrete).__name__
-            raise SmallEmbeddingsError(f"{self.path}: expected discrete features of shape [batch, features], got {shape}")
+        check_columns(discrete, ((t.path, "table", t.name, t.index) for t in self.tables), path=self.path, error=SmallEmbeddingsError)
         if discrete.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"small embeddings look up integer ids; expected int64 or int32 discrete features, got {discrete.dtype}")
-        width = discrete.shape[1]
-        for t in self.tables:
-            if t.index >= width:
-                raise SmallEmbeddingsError(
-                    f"{t.path}: table {t.name!r} reads column {t.index} (index), but the discrete features "
-                    f"have only {width} columns (0..{width - 1}); widen the input or change {t.path}.index"
-                )
 
     def _check_ids(self, discrete: torch.Tensor) -> None:
         """One min/max per column and one sync; details are gathered only when something is wrong."""

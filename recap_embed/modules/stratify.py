@@ -31,6 +31,8 @@ from recap_embed.config.resolve import config_prefix
 from recap_embed.errors import UserError
 from recap_embed.modules.small import section_of
 
+from .discrete import check_columns
+
 __all__ = ["StratifiedMetric", "StratifiedMetrics", "Stratifier", "Stratifiers", "StratifierError", "metric_name"]
 
 SECTION = "stratifiers"
@@ -88,15 +90,7 @@ class Stratifiers:
 
     def mask_matrix(self, discrete: torch.Tensor) -> torch.Tensor:
         """BoolTensor [S, B]: row s marks the rows of stratum s (one comparison for all strata)."""
-        if not isinstance(discrete, torch.Tensor) or discrete.dim() != 2:
-            raise StratifierError(f"{SECTION}: expected discrete features of shape [batch, features]")
-        width = discrete.shape[1]
-        for s in self.strata:
-            if s.index >= width:
-                raise StratifierError(
-                    f"{s.path}: stratum {s.name!r} reads column {s.index} (index), but the discrete features "
-                    f"have only {width} columns (0..{width - 1})"
-                )
+        check_columns(discrete, ((s.path, "stratum", s.name, s.index) for s in self.strata), path=SECTION, error=StratifierError)
         if not self.strata:
             return torch.zeros(0, discrete.shape[0], dtype=torch.bool, device=discrete.device)
         if discrete.device not in self._cache:
