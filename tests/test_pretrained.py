@@ -479,3 +479,32 @@ def test_finite_check_refuses_any_bad_value_and_accepts_sums_that_overflow(dtype
         block[37, 5] = bad
         with pytest.raises(NonFiniteSnapshotError, match=r"1 non-finite value\(s\).*rows \[137\]"):
             _check_finite(block, source, 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_checksum_is_the_bit_sum_modulo_2_32_and_blocks_add_up(dtype):
+    """Every path of `checksum` (wrapping int32 sums, widened blocks) gives the same number: the
+    exact sum of the elements' bits mod 2**32, for whole tensors, row blocks and column views; and a
+    flipped sign bit changes it (for fp64 too)."""
+    import numpy as np
+
+    from recap_embed.io.shard_copy import add_checksums, checksum
+
+    torch.manual_seed(0)
+    t = (torch.randn(3001, 12, dtype=torch.float64) * 1e30).to(dtype)  # large values: int sums overflow
+    ints = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int32}[t.element_size()]  # 8 bytes: two int32 halves
+
+    def exact(x: torch.Tensor) -> int:
+        bits = x.contiguous().view(torch.uint8).numpy().view(ints)
+        return int(sum(int(v) for v in bits.ravel())) & 0xFFFFFFFF
+
+    assert checksum(t) == exact(t)
+    blocks = 0
+    for r in range(0, t.shape[0], 700):
+        blocks = add_checksums(blocks, checksum(t[r:r + 700]))
+    assert blocks == checksum(t)
+    columns = t.narrow(1, 3, 5)  # a column shard's view: not contiguous
+    assert checksum(columns) == exact(columns)
+    changed = t.clone()
+    changed[1500, 7] = -changed[1500, 7] if changed[1500, 7] != 0 else 1
+    assert checksum(changed) != checksum(t)

@@ -169,14 +169,21 @@ def plan_copy(source: SourceTensor, regions: List[Region], what: str) -> CopyPla
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-_CHECKSUM_BLOCK = 1 << 20  # elements summed at once (the int64 temporary is 8 MiB)
+_CHECKSUM_BLOCK = 1 << 20  # elements of 1- and 2-byte dtypes summed at once (an 8 MiB int64 temporary)
+
+#: Checksums are sums modulo 2**32: `checksum` values add with `add_checksums`.
+CHECKSUM_MASK = (1 << 32) - 1
 
 
 def checksum(t: torch.Tensor) -> int:
-    """An exact, order-independent checksum of a tensor's bits (sum of its elements as integers).
+    """An order-independent checksum of a tensor's bits: the sum of its elements read as integers,
+    modulo 2**32 (so sums of blocks, `add_checksums`, equal the sum of the whole).
 
-    Summed in blocks of rows: torch widens the integer view to int64 before summing, which for a
-    whole table would be a temporary twice its size.
+    4-byte dtypes (fp32) are summed as int32 with int32 accumulation, which wraps: one pass at
+    memory speed and no temporary. 8-byte dtypes are summed as their two int32 halves (as int64
+    values modulo 2**32 a change of the upper half, sign and exponent, would not show). Narrower dtypes would overflow their own width, so they are
+    widened to int64 in blocks of rows (a whole table widened at once would be a temporary
+    several times its size).
     """
     if t.numel() == 0:
         return 0
@@ -184,16 +191,24 @@ def checksum(t: torch.Tensor) -> int:
         t = t.view(1)
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
+    ints = _INT_OF_SIZE.get(min(t.element_size(), 4))
     try:
-        iv = t.view(_INT_OF_SIZE[t.element_size()])
-    except (KeyError, RuntimeError):
-        iv = t.contiguous().view(torch.uint8)
+        iv = t.view(ints) if ints is not None else t.contiguous().view(torch.uint8)
+    except RuntimeError:  # a view whose last dim is not contiguous
+        iv = t.contiguous().view(ints)
+    if iv.element_size() == 4:
+        return int(iv.sum(dtype=iv.dtype).item()) & CHECKSUM_MASK
     per_row = max(1, iv[0].numel()) if iv.dim() > 1 else 1
     step = max(1, _CHECKSUM_BLOCK // per_row)
     total = 0
     for r in range(0, iv.shape[0], step):
         total += int(iv[r : r + step].sum(dtype=torch.int64).item())
-    return total
+    return total & CHECKSUM_MASK
+
+
+def add_checksums(a: int, b: int) -> int:
+    """The checksum of two blocks from theirs."""
+    return (a + b) & CHECKSUM_MASK
 
 
 def _blocks(reader: SnapshotReader, task: _Task, chunk_bytes: int, rows: Optional[Tuple[int, int]] = None,
@@ -279,11 +294,11 @@ def read_into(
                     conv = src if src.dtype == target.dtype else src.to(target.dtype)
                     if require_finite and conv.is_floating_point():
                         _check_finite(conv, plan.source, r)
-                    expected += checksum(conv)
+                    expected = add_checksums(expected, checksum(conv))
                     dest = _dest_view(target, region.offsets, task, r, src.shape[0])
                     dest.copy_(conv)
                     if not staging:
-                        written += checksum(dest)
+                        written = add_checksums(written, checksum(dest))
                     del src, conv, dest
             plan.expected.append(expected)
             if staging:
