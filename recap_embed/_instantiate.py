@@ -15,6 +15,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Tuple
 from omegaconf import DictConfig, ListConfig
 
 from recap_embed.config.errors import ConfigError
+from recap_embed.errors import USER_ERRORS
 
 #: Modules whose callables a config may name by default.
 DEFAULT_ALLOWED_TARGETS: Tuple[str, ...] = (
@@ -145,8 +146,6 @@ def instantiate(cfg: Any, *args: Any, allowed_targets: Iterable[str] = (), **kwa
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
-
-    from recap_embed.errors import USER_ERRORS
 
     prefix = ""
     if isinstance(cfg, (DictConfig, ListConfig)) and cfg._get_parent() is not None:

@@ -31,7 +31,10 @@ from typing import Any, Iterable, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from recap_embed._instantiate import UntrustedTargetError, _resolve, check_targets
 from recap_embed.config.errors import ConfigError
+from recap_embed.errors import USER_ERRORS, InputPathError
+from recap_embed.train.rundir import RunDirLock
 
 __all__ = [
     "ALLOWED_TARGETS_KEY",
@@ -123,8 +126,6 @@ def app_allowed_targets(cfg: Any, key: str = ALLOWED_TARGETS_KEY) -> List[str]:
 
 def check_callbacks(config: Any) -> None:
     """``hydra.callbacks`` of a full Hydra config against the allowlist (interpolations resolved)."""
-    from recap_embed._instantiate import check_targets
-
     callbacks = OmegaConf.select(config, "hydra.callbacks")
     if callbacks:
         check_targets(callbacks, app_allowed_targets(config), "hydra.callbacks")
@@ -135,8 +136,6 @@ def check_run_dir(config: Any) -> None:
     Hydra writes the run's config into it (a second run into a directory in use is refused here)."""
     import os
 
-    from recap_embed.errors import InputPathError
-
     mode = str(OmegaConf.select(config, "hydra.mode", default="RUN") or "RUN")
     key = "hydra.sweep.dir" if "MULTIRUN" in mode else "hydra.run.dir"
     path = OmegaConf.select(config, key, default=None)
@@ -146,8 +145,6 @@ def check_run_dir(config: Any) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputPathError(f"{key}: {path!r} is a file, not a directory; choose another {key}")
     if _LOCK_RUN_DIR and key == "hydra.run.dir" and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        from recap_embed.train.rundir import RunDirLock
-
         RunDirLock(path).acquire()
 
 
@@ -158,8 +155,6 @@ _LOGGING_PACKAGES = ("logging", "colorlog")
 def check_logging_config(log_config: Any, path: str, allowed: Iterable[str] = ()) -> None:
     """Every factory (``()``) and ``class`` of a ``logging.config.dictConfig`` config must be a
     Handler, Formatter or Filter class of the logging packages, or an allowed `_target_`."""
-    from recap_embed._instantiate import UntrustedTargetError, _resolve, check_targets
-
     if log_config is None:
         return
     node = OmegaConf.to_container(log_config, resolve=True) if isinstance(log_config, (DictConfig, ListConfig)) else log_config
@@ -215,8 +210,6 @@ def _guard_callbacks() -> None:
     original = cls.__init__
 
     def __init__(self, config: Optional[DictConfig] = None, *args: Any, **kwargs: Any) -> None:  # type: ignore[no-untyped-def]
-        from recap_embed.errors import USER_ERRORS
-
         if config is not None:
             try:
                 check_run_dir(config)
@@ -239,8 +232,6 @@ def _guard_logging() -> None:
         return
 
     def configure_log(log_config: Any, verbose_config: Any = False) -> None:
-        from recap_embed.errors import USER_ERRORS
-
         try:
             check_logging_config(log_config, _logging_path(log_config), app_allowed_targets_or_empty())
         except USER_ERRORS as e:

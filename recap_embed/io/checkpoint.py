@@ -81,6 +81,7 @@ from torchsnapshot.manifest import ChunkedTensorEntry, ObjectEntry, PrimitiveEnt
 
 from recap_embed.distributed.collectives import agree, is_collective, rank0_then_all, rank_and_world
 from recap_embed.errors import UserError
+from recap_embed.units import format_bytes
 
 from .shard_copy import DEFAULT_CHUNK_BYTES, CopyPlan, commit, global_shape, plan_copy, read_into, regions_of, verify
 from .snapshot import SnapshotLoadError, SnapshotReader
@@ -214,8 +215,6 @@ def save_checkpoint(
 
 def _free_space(path: Path) -> str:
     """'12.0 MiB free of 1.0 GiB' on the file system holding `path` (its nearest existing parent)."""
-    from recap_embed.units import format_bytes
-
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent

@@ -25,6 +25,7 @@ from recap_embed.config.errors import ConfigError
 import recap_embed.config  # noqa: F401  (registers the groups)
 from recap_embed import hydra_guards
 import recap_embed.plan.config  # noqa: F401  (registers the app's schema)
+from recap_embed.errors import report_and_exit
 
 log = logging.getLogger("recap_embed.plan")
 
@@ -74,8 +75,7 @@ def main(cfg: DictConfig) -> float:
     """Plan once; returns the largest estimated cost of one rank in ms (what a sweep would minimise)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from recap_embed.distributed.collectives import leave_on_exit
-    from recap_embed.errors import report_and_exit
+    from recap_embed.distributed.collectives import leave_on_exit  # torch loads here, when the job runs
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     logging.getLogger("torchrec").setLevel(logging.WARNING)  # the planner logs every proposal at INFO

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import recap_embed.config  # noqa: F401  (registers the groups)
 from recap_embed import hydra_guards
-from recap_embed.errors import current_rank
+from recap_embed.errors import current_rank, report_and_exit
 import recap_embed.train.config  # noqa: F401  (registers the app's schema)
 
 log = logging.getLogger("recap_embed.train")
@@ -49,8 +49,7 @@ def main(cfg: DictConfig) -> float:
     eval split is reported, never tuned on), or the eval AUROC without a validation split."""
     from hydra.core.hydra_config import HydraConfig
 
-    from recap_embed.distributed.collectives import leave_on_exit
-    from recap_embed.errors import report_and_exit
+    from recap_embed.distributed.collectives import leave_on_exit  # torch loads here, when the job runs
 
     _quiet_other_ranks()
     # torchrec's own deprecation notices about its DDP wrapper say nothing a user can act on.

@@ -17,7 +17,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from recap_embed.config import ConfigError, ConfigValidationError
+from recap_embed.distributed.memory import USABLE_SHARE, MemoryDoesNotFit, available_bytes
 from recap_embed.errors import DataError, InputPathError, UserError
+from recap_embed.units import format_bytes
 
 __all__ = ["DENSE_OPTIMIZERS", "NonFiniteLossError", "check_examples", "check_loss", "check_settings", "dense_optimizer_class"]
 
@@ -204,9 +206,6 @@ def dense_bytes(cfg: Any, specs: Sequence[Any], small_tables: Sequence[Any]) -> 
 
 def check_dense_memory(cfg: Any, specs: Sequence[Any], small_tables: Sequence[Any], device: torch.device) -> None:
     """The dense part fits the memory this rank has (checked before it is built: nn.Linear allocates at once)."""
-    from recap_embed.distributed.memory import USABLE_SHARE, MemoryDoesNotFit, available_bytes
-    from recap_embed.units import format_bytes
-
     need = dense_bytes(cfg, specs, small_tables)
     have = available_bytes(device)
     if need > USABLE_SHARE * have:
