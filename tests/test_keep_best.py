@@ -59,6 +59,13 @@ def test_early_stop_keeps_the_best_checkpoint_and_reports_it(tmp_path: Path) -> 
     # The one best checkpoint is kept beside the final one.
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "best").iterdir())
     assert kept == [f"step_{best['step']}"] and Path(best["checkpoint"]).name == kept[0]
+    # It carries the vocab fingerprints like every periodic checkpoint, so a warm start from it is checked.
+    from recap_embed.train.fingerprint import read_checkpoint_info
+
+    info = read_checkpoint_info(best["checkpoint"])
+    periodic = read_checkpoint_info(str(tmp_path / "run" / "checkpoints" / f"step_{final['step']}"))
+    assert info is not None and set(info["vocabs"]) == {"user", "item"} and info["vocabs"] == periodic["vocabs"]
+    assert all(fp is not None for fp in info["vocabs"].values())
     assert (tmp_path / "run" / "checkpoints" / f"step_{final['step']}" / "COMPLETE").exists()
     # The reported eval is the best model's, and the model now holds the best weights again.
     assert metrics["eval"] == best["eval"] and metrics["eval_auroc"] == best["eval"]["auroc"] != final["eval"]["auroc"]

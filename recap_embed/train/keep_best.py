@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from recap_embed.config import ConfigError
 from recap_embed.distributed.collectives import rank_and_world
@@ -83,10 +83,14 @@ class KeepBest:
 
     # ------------------------------------------------------------------ best checkpoint
 
-    def save(self, directory: Path, step: int, app_state: Dict[str, Any]) -> Path:
-        """Save the best checkpoint (collective), then remove the older ones under ``best/``."""
+    def save(self, directory: Path, step: int, app_state: Dict[str, Any],
+             write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+        """Save the best checkpoint (collective), then remove the older ones under ``best/``.
+
+        `write_extra` writes the files every checkpoint of the run carries (the vocab fingerprints
+        a warm start from it is checked against), as for the periodic ones."""
         root = Path(directory) / BEST_DIR
-        path = save_checkpoint(root, step, app_state)
+        path = save_checkpoint(root, step, app_state, write_extra=write_extra)
         if isinstance(path, PendingCheckpoint):  # pragma: no cover - saved synchronously above
             path = path.wait()
         if rank_and_world()[0] == 0:

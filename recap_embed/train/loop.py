@@ -305,7 +305,7 @@ class Trainer:
             mark = " (best)" if improved else ""
             log.info("step %d: %s auroc %.4f loss %.4f%s", self.step, split, result["auroc"], result["loss"], mark)
         if improved and self.cfg.train.keep_best:
-            self.keep_best.save(self.output_dir / "checkpoints", self.step, self.app_state())
+            self.keep_best.save(self.output_dir / "checkpoints", self.step, self.app_state(), write_extra=self.policy.write_info)
 
     def _log_tables(self) -> Dict[str, Any]:
         tables = [s.name for s in self.specs if s.key in self.cfg.embeddings.tables_to_log or s.name in self.cfg.embeddings.tables_to_log]

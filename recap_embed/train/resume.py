@@ -117,7 +117,8 @@ class CheckpointPolicy:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def _write_info(self, tmp: Path) -> None:
+    def write_info(self, tmp: Path) -> None:
+        """The files that travel with every checkpoint of this run (each table's vocab fingerprint)."""
         (tmp / CHECKPOINT_INFO).write_text(json.dumps(dict(self.info()), indent=2, sort_keys=True, default=str) + "\n")
 
     def save(self, step: int, app_state: Dict[str, Any], *, final: bool = False) -> Path:
@@ -126,7 +127,7 @@ class CheckpointPolicy:
             self.last_saved = step
             return self.directory / f"step_{step}"  # already saved at this step (periodic, then stop/final)
         result = save_checkpoint(self.directory, step, app_state, asynchronous=self.asynchronous and not final,
-                                 write_extra=self._write_info)
+                                 write_extra=self.write_info)
         path = result.wait() if hasattr(result, "wait") else result  # the loop waits: the state moves on
         self.last_saved = step
         self._prune(step)
