@@ -116,7 +116,7 @@ def check_targets(cfg: Any, allowed: Iterable[str] = (), path: str = "", *, reso
 
     def refuse(where: str, what: str) -> UntrustedTargetError:
         return UntrustedTargetError(
-            f"{where}: _target_ {what} is not allowed; allowed prefixes: {', '.join(prefixes)} "
+            f"{where}: {what} is not allowed; allowed prefixes: {', '.join(prefixes)} "
             f"(add your own module with `allowed_targets`)"
         )
 

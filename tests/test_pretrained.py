@@ -508,3 +508,14 @@ def test_checksum_is_the_bit_sum_modulo_2_32_and_blocks_add_up(dtype):
     changed = t.clone()
     changed[1500, 7] = -changed[1500, 7] if changed[1500, 7] != 0 else 1
     assert checksum(changed) != checksum(t)
+
+
+def test_the_tables_a_snapshot_lists_are_tables_not_the_other_modules_parameters(tmp_path):
+    """A checkpoint of a whole model holds an MLP beside the tables: only the tables are offered."""
+    model = torch.nn.Module()
+    model.ebc = make_ebc(seed=3)
+    model.mlp = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    torchsnapshot.Snapshot.take(str(tmp_path / "snap"), app_state={"model": model, "extra": torchsnapshot.StateDict(bias=torch.ones(3))})
+    assert set(snapshot_tables(str(tmp_path / "snap"))) == {"user", "item", "bias"}
+    with pytest.raises(PretrainedError, match=r"has no table 'nope'; its tables: \[bias, item, user\]$"):
+        load_pretrained(make_ebc(seed=2), specs(str(tmp_path / "snap"), user={"emb_name": "nope"}))

@@ -119,7 +119,7 @@ def test_app_refuses_by_default_and_accepts_allowed_targets(tmp_path: Path, monk
     target = ["stratifiers=synthetic", "stratifiers._target_=untrusted_helper.make_stratifiers", f"data.dir={tmp_path / 'data'}"]
 
     cfg = compose_train(target)
-    with pytest.raises(UntrustedTargetError, match=r"^stratifiers\._target_: _target_ 'untrusted_helper\.make_stratifiers' is not allowed"):
+    with pytest.raises(UntrustedTargetError, match=r"^stratifiers\._target_: 'untrusted_helper\.make_stratifiers' is not allowed"):
         preflight(cfg, torch.device("cpu"), 1)
     with pytest.raises(UntrustedTargetError):
         Trainer(cfg, tmp_path / "run")
@@ -183,12 +183,12 @@ def test_a_node_interpolation_is_checked_where_it_points(tmp_path: Path) -> None
         "payload": {"_target_": "untrusted_helper.touch", "path": str(marker)},
         "small_embeddings": {"_target_": "recap_embed.modules.SmallEmbeddings", "tables": "${payload}"},
     })
-    with pytest.raises(UntrustedTargetError, match=r"^small_embeddings\.tables\._target_: _target_ 'untrusted_helper\.touch'"):
+    with pytest.raises(UntrustedTargetError, match=r"^small_embeddings\.tables\._target_: 'untrusted_helper\.touch'"):
         instantiate(cfg.small_embeddings)
     assert not marker.exists()
     # The same payload reached through a list, and through a chain of interpolations.
     cfg = OmegaConf.create({"p": {"_target_": "shutil.copyfile", "_args_": ["a", str(marker)]}, "q": "${p}", "x": {"_target_": "torch.nn.Sequential", "_args_": ["${q}"]}})
-    with pytest.raises(UntrustedTargetError, match=r"^x\._args_\[0\]\._target_: _target_ 'shutil\.copyfile'"):
+    with pytest.raises(UntrustedTargetError, match=r"^x\._args_\[0\]\._target_: 'shutil\.copyfile'"):
         instantiate(cfg.x)
     assert not marker.exists()
 

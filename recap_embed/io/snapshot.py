@@ -440,7 +440,9 @@ class SnapshotReader:
         return self.source(hits[0])
 
     def table_names(self) -> List[str]:
-        """Names `find_table` accepts: EBC tables, and plain tensors saved directly under an app key."""
+        """Names `find_table` accepts: EBC tables, and plain tensors saved directly under an app key
+        (``StateDict(user=tensor)``); a dotted key there is another module's parameter
+        (``mlp.0.weight``), not a table, and is not listed (table names have no dots)."""
         names = set()
         for lp, by_rank in self._by_path.items():
             entry = next(iter(by_rank.values()))
@@ -451,7 +453,7 @@ class SnapshotReader:
             table = ebc_table(last)
             if table is not None:
                 names.add(table)
-            elif len(comps) == 2:
+            elif len(comps) == 2 and "." not in last:
                 names.add(last)
         return sorted(names)
 
