@@ -519,3 +519,41 @@ def test_the_tables_a_snapshot_lists_are_tables_not_the_other_modules_parameters
     assert set(snapshot_tables(str(tmp_path / "snap"))) == {"user", "item", "bias"}
     with pytest.raises(PretrainedError, match=r"has no table 'nope'; its tables: \[bias, item, user\]$"):
         load_pretrained(make_ebc(seed=2), specs(str(tmp_path / "snap"), user={"emb_name": "nope"}))
+
+
+def test_no_sharded_tensor_deprecation_notice_from_this_package(tmp_path):
+    """torch's "use DTensor" FutureWarning names our modules when we touch torchrec's ShardedTensors;
+    a user can do nothing about it, so the package ignores it for its own modules only: every such
+    notice our calls raise is matched by that filter, and only as coming from recap_embed."""
+    import importlib
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    import recap_embed.io
+    from recap_embed import instantiate
+    from recap_embed.distributed import shard
+    from recap_embed.io.checkpoint import restore_checkpoint, save_checkpoint
+
+    importlib.reload(recap_embed.io)  # install it here: pytest restores the filters after each test
+    ours = [f for f in warnings.filters if f[0] == "ignore" and f[1] is not None and f[1].pattern == "Please use DTensor instead"]
+    assert len(ours) == 1, "recap_embed.io installs the filter once"
+    _, message, category, module, _ = ours[0]
+    take_unsharded(tmp_path / "snap")
+    cfg = OmegaConf.create({
+        "_target_": "recap_embed.modules.LargeEmbeddings", "embedding_dim": DIM,
+        "optimizer": {"algorithm": "sgd", "init_learning_rate": 0.01},
+        "tables": {"user": {"num_embeddings": USER_ROWS, "pretrained": {"embedding_snapshot_uri": str(tmp_path / "snap")}}},
+    })
+    model = shard(instantiate(cfg))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # see every notice, the package's filter set aside
+        load_pretrained(model, table_specs(cfg))
+        restore_checkpoint(save_checkpoint(tmp_path / "ck", 1, {"model": model}), {"model": model})
+    package = Path(recap_embed.io.__file__).resolve().parents[2]
+    notices = [w for w in caught if "DTensor instead" in str(w.message) and Path(w.filename).resolve().is_relative_to(package / "recap_embed")]
+    assert notices, "our calls raise the notice (otherwise the filter is dead code)"
+    for w in notices:
+        name = ".".join(Path(w.filename).resolve().relative_to(package).with_suffix("").parts)
+        assert message.match(str(w.message)) and issubclass(w.category, category) and module.match(name), (name, str(w.message))
+    assert not module.match("my_training_script") and not module.match("torchrec.distributed")
