@@ -95,6 +95,22 @@ def test_adam_is_fine_on_cuda_and_inherited_problems_are_reported_once():
     assert list(problems) == ["embeddings.optimizer.algorithm"]
 
 
+@pytest.mark.parametrize("overrides, path", [
+    (["embeddings.optimizer.init_learning_rate=nan"], "embeddings.optimizer.init_learning_rate"),
+    (["embeddings.optimizer.eps=-1"], "embeddings.optimizer.eps"),
+    (["embeddings.embedding_dim=-4"], "embeddings.embedding_dim"),
+])
+def test_one_bad_collection_value_is_one_problem_not_one_per_inheriting_table(overrides, path):
+    problems = problems_of(overrides)
+    assert path in problems and not [p for p in problems if ".tables." in p], problems
+
+
+def test_a_table_setting_its_own_bad_value_is_reported_at_the_table():
+    problems = problems_of(["embeddings.embedding_dim=-4", "embeddings.tables.user.embedding_dim=6", "embeddings.tables.user.optimizer.init_learning_rate=nan"])
+    assert {"embeddings.embedding_dim", "embeddings.tables.user.embedding_dim", "embeddings.tables.user.optimizer.init_learning_rate"} <= set(problems)
+    assert not [p for p in problems if p.startswith("embeddings.tables.tweet.")], problems
+
+
 def test_torchrec_table_fields_that_hold():
     """A feature two tables read (same mapping), bf16 on CUDA, a set init range and pruned rows."""
     cfg = compose_app([

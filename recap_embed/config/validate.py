@@ -215,6 +215,11 @@ def _sections(cfg: Any, path: Optional[str] = None, section: Optional[str] = Non
     )
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, counting nan as equal to nan (a table inheriting a nan rate has the collection's value)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
 def _positive_int(value: Any, path: str, what: str, problems: Problems) -> bool:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         problems.append((path, f"{value!r} is not allowed; {what} must be a positive integer"))
@@ -244,8 +249,8 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
                 problems.append((f"{path}.num_embeddings", "is not set, which derives the rows from `vocab`, but the table has no vocab; set num_embeddings (a positive integer) or vocab"))
         else:
             _positive_int(table.num_embeddings, f"{path}.num_embeddings", "num_embeddings", problems)
-        if table.embedding_dim is not None:
-            _check_dim(table.embedding_dim, f"{path}.embedding_dim", problems)
+        if table.embedding_dim is not None and not _same(table.embedding_dim, emb.embedding_dim):
+            _check_dim(table.embedding_dim, f"{path}.embedding_dim", problems)  # an inherited dim: reported above
         pre = table.pretrained
         if pre is not None and pre.embedding_snapshot_uri is None:
             if pre.emb_name is not None or pre.allow_partial_rows:
@@ -269,7 +274,7 @@ def _check_embeddings(emb: LargeEmbeddingsConfig, prefix: str, device_type: str,
         _check_optimizer(effective_optimizer(emb.optimizer, own), f"{path}.optimizer", device_type, mine, schedule=False)
         problems.extend(
             p for p in mine
-            if getattr(own, p[0].rsplit(".", 1)[-1], None) != getattr(emb.optimizer, p[0].rsplit(".", 1)[-1], None)
+            if not _same(getattr(own, p[0].rsplit(".", 1)[-1], None), getattr(emb.optimizer, p[0].rsplit(".", 1)[-1], None))
         )
         inherited = effective_optimizer(emb.optimizer, own)
         if (own.algorithm != emb.optimizer.algorithm and inherited.algorithm == OptimizerAlgorithm.sgd
