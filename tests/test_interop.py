@@ -185,7 +185,8 @@ def test_other_refusals_name_what_is_wrong():
         from_torchrec([{"name": "t", **base, "colour": 1}])
     with pytest.raises(TorchrecConversionError, match="unknown collection field.*sharding"):
         from_torchrec([EmbeddingBagConfig(name="t", **base)], sharding={})
-    with pytest.raises(ConfigValidationError, match=r"embeddings\.tables\.t\.embedding_dim: 6 is not a multiple of 4"):
+    # The tables share dim 6, so the node's collection has it too: one problem, at the collection.
+    with pytest.raises(ConfigValidationError, match=r"\(1 problem\):\n  embeddings\.embedding_dim: 6 is not a multiple of 4"):
         from_torchrec([EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=6, feature_names=["t"])])
 
 
