@@ -53,7 +53,6 @@ from recap_embed.config import (
     TablePlacement,
     check_device,
 )
-
 from recap_embed.modules.tables import large_embeddings
 from recap_embed.optim.fused import apply_fused_optimizers
 from recap_embed.optim.weight_decay import check_fused_weight_decay
