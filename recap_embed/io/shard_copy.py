@@ -25,8 +25,8 @@ Memory, measured (one process, a 409,600 x 128 fp32 table = 200 MiB saved by ``S
 27-42 MiB, ``staging=True`` 226-258 MiB (the 200 MiB staging copy plus the same); for comparison
 torchsnapshot's ``read_object`` into the table 204 MiB and ``Snapshot.restore`` 204 MiB.
 With ``staging=False`` (default) rows are copied into the weights as they arrive: peak extra
-memory is a block (two half blocks: the one being copied and the one being read) plus an 8 MiB
-checksum temporary, but an I/O error in the middle of a table leaves that table partly written (the error
+memory is a block (two half blocks: the one being copied and the one being read) plus, for fp16
+and bf16, an 8 MiB checksum temporary, but an I/O error in the middle of a table leaves that table partly written (the error
 says so and names it; load again, or start from fresh weights: at start-up the weights are only
 their random initialisation). With ``staging=True`` the rows of a table are first read into a
 staging copy of this rank's local shards (host memory, destination dtype), then copied in one go:
@@ -36,13 +36,14 @@ exist and to be long enough (``stat`` locally, a 1-byte read elsewhere), so a tr
 incomplete snapshot fails before the first write in both modes.
 
 Verification: after the copy the destination is fetched again from ``model.state_dict()`` and
-(1) an exact checksum of the bits of every local shard is compared with the checksum of the
-values read, (2) the first, middle and last rows of each local shard are read again from the
+(1) a checksum of the bits of every local shard (their sum as integers modulo 2**32, `checksum`)
+is compared with the checksum of the values read, (2) the first, middle and last rows of each local shard are read again from the
 snapshot and compared bit for bit. A mismatch raises: a copy that silently did not reach the
 weights cannot pass. When streaming, each block of the destination is read back and summed right
 after its copy (overlapping the next read); when the shard fetched again is that same memory
 (same address, shape and strides) those sums are its checksum, otherwise (the model handed out a
-copy) the shard is summed again.
+copy) the shard is summed again. Float blocks are checked finite before they are copied (`_check_finite`:
+one sum, the exact scan only when the sum is not finite).
 """
 
 from __future__ import annotations
