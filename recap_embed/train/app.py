@@ -35,6 +35,8 @@ def _quiet_other_ranks() -> None:
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler):
             root.removeHandler(handler)
+        else:  # loggers the logging config sets to INFO (recap_embed's) still reach the console here
+            handler.setLevel(max(handler.level, logging.WARNING))
     root.setLevel(logging.WARNING)
 
 
