@@ -144,11 +144,11 @@ def test_command_forms(dirty_env: None) -> None:
 def test_torchrun_ranks_get_their_own_variables_not_the_parents(dirty_env: None, tmp_path: Path) -> None:
     """A parent environment that names another job's master and ranks changes nothing."""
     probe = tmp_path / "probe.py"
-    probe.write_text("import json, os\nprint('RANKVARS', json.dumps({k: os.environ.get(k) for k in "
+    # Each rank writes its own file: two ranks printing to one pipe can interleave their lines.
+    probe.write_text("import json, os\nopen(f\"rank{os.environ['RANK']}.json\", 'w').write(json.dumps({k: os.environ.get(k) for k in "
                      "('RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'TORCHELASTIC_ERROR_FILE')}))\n")
     done = launch.run(launch.torchrun(probe, nproc_per_node=2), cwd=tmp_path, timeout=120)
-    seen = sorted((json.loads(line.split("RANKVARS ", 1)[1]) for line in done.stdout.splitlines() if "RANKVARS " in line),
-                  key=lambda r: r["RANK"])
+    seen = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["RANK"])
     assert [r["RANK"] for r in seen] == ["0", "1"], done.output[-3000:]
     for r in seen:
         assert r["WORLD_SIZE"] == "2" and r["LOCAL_WORLD_SIZE"] == "2", r
